@@ -1,0 +1,83 @@
+"""What a site and the coordinator exchange: task names, metric keys and the site-side protocol.
+
+This module is the contract between the algorithm (which never imports Flower) and ``fedqc.fl``
+(the only Flower importer). Everything that may leave a site is named here: model weights, and
+scalar metrics whose keys are members of :class:`MetricKey`. The privacy test inspects every
+message a client sends and fails on any other key or on non-scalar metric values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import numpy as np
+
+Scalar = bool | int | float | str
+Weights = dict[str, np.ndarray]
+
+
+class Task(StrEnum):
+    """The work the coordinator asks of a site, one per protocol phase."""
+
+    SUPERVISED = "supervised"  # local epochs of Eq. 1 on labelled data (segmenters)
+    QC_AUTOENCODER = "qc-autoencoder"  # local epochs of the QC autoencoder loss on ground-truth masks
+    REFINE = "refine"  # OoD detection + local semi-supervised refinement (Eq. 2)
+    PREDICT = "predict"  # QC-based candidate selection, predictions and QC report written locally
+    EVALUATE = "evaluate"  # labelled validation metrics of the given weights
+
+
+class MetricKey(StrEnum):
+    """Every scalar a site may report. Anything else in a reply is a privacy violation."""
+
+    NUM_EXAMPLES = "num-examples"  # aggregation weight (slices or cases the update was computed on)
+    NUM_CASES = "num-cases"  # unlabelled cases scored
+    NUM_FLAGGED = "num-flagged"  # OoD-flagged cases
+    NUM_LABELLED = "num-labelled"  # labelled slices contributing the supervised term
+    TRAIN_LOSS = "train-loss"
+    SUP_LOSS = "sup-loss"
+    SEMI_LOSS = "semi-loss"
+    VAL_LOSS = "val-loss"
+    VAL_DICE = "val-dice"  # mean foreground Dice on the site's labelled validation cases
+    VAL_RV_DICE = "val-rv-dice"
+    ALPHA = "alpha"
+    SECONDS = "seconds"  # wall time of the local work
+    # Labelled-validation fence variant only (behind an explicit config option): summary quantiles.
+    VAL_PDC_Q1 = "val-pdc-q1"
+    VAL_PDC_Q3 = "val-pdc-q3"
+    VAL_PHD_Q1 = "val-phd-q1"
+    VAL_PHD_Q3 = "val-phd-q3"
+
+
+ALLOWED_METRIC_KEYS: frozenset[str] = frozenset(k.value for k in MetricKey)
+
+
+@dataclass
+class SiteReply:
+    """A site's answer to one task: optional weights and scalar metrics (keys from MetricKey)."""
+
+    weights: Weights | None = None
+    metrics: dict[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.metrics) - ALLOWED_METRIC_KEYS
+        if unknown:
+            raise ValueError(f"metrics not allowed to leave a site: {sorted(unknown)}")
+        for key, value in self.metrics.items():
+            if not isinstance(value, (bool, int, float, str)):
+                raise TypeError(f"metric {key!r} must be a scalar, got {type(value).__name__}")
+
+
+class SiteAlgo(Protocol):
+    """One hospital's side of the protocol, with no knowledge of Flower (cf. MONAI's ClientAlgo).
+
+    ``weights`` are flat name -> array dicts; names are prefixed by model, e.g. ``seg/SA/...``,
+    ``ae/LA/...``. ``config`` holds flat scalars sent by the coordinator for this round
+    (round number, local epochs, alpha, ...).
+    """
+
+    def run(self, task: Task, weights: Mapping[str, np.ndarray] | None,
+            config: Mapping[str, Scalar]) -> SiteReply:
+        ...
