@@ -1,0 +1,188 @@
+"""Command-line entry points: ``fedqc`` (sub-commands), ``fedqc-server`` and ``fedqc-client``.
+
+Heavy libraries (torch, MONAI, Flower) are imported inside the commands so ``--help`` is instant.
+Every user-facing failure is a :class:`fedqc.errors.FedqcError`, printed as one clear line
+(exit status 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _cmd_simulate_data(args: argparse.Namespace) -> int:
+    from fedqc.data.simulator import simulate_dataset
+
+    out = simulate_dataset(Path(args.out), preset=args.preset, subjects_per_centre=args.subjects_per_centre,
+                           seed=args.seed)
+    print(f"simulated data written to {out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fedqc.commands import train_command
+
+    return train_command(Path(args.config), Path(args.out), overrides=_overrides(args.set))
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from fedqc.commands import refine_command
+
+    return refine_command(Path(args.config), Path(args.run), overrides=_overrides(args.set))
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fedqc.commands import predict_command
+
+    return predict_command(Path(args.run), Path(args.data), Path(args.out), stage=args.stage)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedqc.commands import evaluate_command
+
+    return evaluate_command(Path(args.data), Path(args.pred), json_path=None if args.json is None else Path(args.json))
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fedqc.commands import simulate_command
+
+    return simulate_command(Path(args.config), None if args.out is None else Path(args.out),
+                            overrides=_overrides(args.set))
+
+
+def _overrides(pairs: Sequence[str] | None) -> dict[str, object]:
+    """``--set train.epochs=2`` pairs, values parsed as YAML scalars."""
+    import yaml
+
+    from fedqc.errors import ConfigError
+
+    result: dict[str, object] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(pair, "--set expects KEY=VALUE, e.g. --set train.epochs=2")
+        result[key.strip()] = yaml.safe_load(value)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedqc",
+        description="Federated, quality-control-driven adaptation of cardiac MRI segmentation.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate-data", help="write a simulated multi-centre cine-MRI data set (M&Ms-2 layout)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--subjects-per-centre", type=int, default=None, help="subjects per centre (preset default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic per seed)")
+    p.add_argument("--preset", default="consortium", help="consortium preset (see docs/SIMULATOR.md)")
+    p.set_defaults(func=_cmd_simulate_data)
+
+    set_help = "override a config value, e.g. --set train.epochs=2 (repeatable)"
+    p = sub.add_parser("train", help="train segmenters and QC autoencoders on the labelled sites (centralised)")
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("refine", help="detect OoD cases on the unlabelled sites and refine the segmenters")
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("--run", required=True, help="run directory written by 'fedqc train'")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=_cmd_refine)
+
+    p = sub.add_parser("predict", help="QC-based candidate selection; write predictions, qc.csv and overlays")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--data", required=True, help="data folder (M&Ms-2 layout, flat, or a NIfTI folder)")
+    p.add_argument("--out", required=True, help="output folder for predictions")
+    p.add_argument("--stage", choices=("refined", "supervised"), default="refined",
+                   help="which checkpoints to use (refined falls back to supervised when absent)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice and Hausdorff (mm) of predictions against labels")
+    p.add_argument("--data", required=True, help="data folder with _gt labels")
+    p.add_argument("--pred", required=True, help="folder of *_pred.nii.gz")
+    p.add_argument("--json", default=None, help="also write the results as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("simulate", help="run the whole federation on this machine (Flower simulation engine)")
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=_cmd_simulate)
+    return parser
+
+
+def _run(func: Callable[[], int]) -> int:
+    from fedqc.errors import FedqcError
+
+    try:
+        return func()
+    except FedqcError as exc:
+        print(f"fedqc: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fedqc: interrupted; files already written are kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _run(lambda: args.func(args))
+
+
+def server_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedqc-server",
+        description="The coordinator: starts a SuperLink, submits the fedqc run and streams its progress.",
+    )
+    parser.add_argument("--config", required=True, help="server YAML (see server/server.example.yaml)")
+    parser.add_argument("--run-dir", default=None, help="run directory (default from config)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS: loopback testing only")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    args = parser.parse_args(argv)
+
+    def go() -> int:
+        try:
+            from fedqc.fl.commands import server_command
+        except ModuleNotFoundError:
+            print("fedqc-server: not yet available in this version (the federation lands next)", file=sys.stderr)
+            return EXIT_USER_ERROR
+
+        return server_command(Path(args.config), run_dir=None if args.run_dir is None else Path(args.run_dir),
+                              insecure=args.insecure, resume=None if args.resume is None else Path(args.resume))
+
+    return _run(go)
+
+
+def client_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedqc-client",
+        description="One hospital: starts a SuperNode that runs fedqc on local data; only weights and "
+                    "scalar counts leave the site.",
+    )
+    parser.add_argument("--config", required=True, help="site YAML (see client/site.example.yaml)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS: loopback testing only")
+    args = parser.parse_args(argv)
+
+    def go() -> int:
+        try:
+            from fedqc.fl.commands import client_command
+        except ModuleNotFoundError:
+            print("fedqc-client: not yet available in this version (the federation lands next)", file=sys.stderr)
+            return EXIT_USER_ERROR
+
+        return client_command(Path(args.config), insecure=args.insecure)
+
+    return _run(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

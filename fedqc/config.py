@@ -1,0 +1,241 @@
+"""fedqc's configuration: typed, frozen dataclasses loaded from YAML and validated once.
+
+A config describes the sites (hospitals) and how every stage of the method runs. Relative paths
+are resolved against the config file's folder, so a config and its data can move together.
+Every key has a default except ``sites``; see ``configs/*.yaml`` and ``docs/CONFIG.md``.
+
+Sites are how one real M&Ms-2 download becomes several virtual hospitals: each names a data
+root and an optional ``filter`` on the metadata CSV (``{VENDOR: Philips}``, ``{CENTRE: 3}``), and
+whether its labels may be used for training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fedqc.config_schema import build
+from fedqc.errors import ConfigError
+from fedqc.types import View
+
+FilterValue = str | int | float | tuple[str | int | float, ...]
+
+
+@dataclass(frozen=True)
+class SimulatedData:
+    """Generate the data with fedqc's simulator when ``root`` does not exist yet."""
+
+    preset: str = "consortium"
+    subjects_per_centre: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital: where its data is, which cases are its own, and whether labels may train."""
+
+    name: str
+    root: Path
+    filter: Mapping[str, FilterValue] = field(default_factory=dict)
+    labelled: bool = False
+    layout: Literal["auto", "mnms2", "flat", "folder"] = "auto"
+    label_remap: Mapping[int, int] = field(default_factory=dict)
+    # Subjects held out from adaptation for testing (fraction of this site's subjects).
+    test_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ValueError(f"site name {self.name!r} must be non-empty without spaces or slashes")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"sites.{self.name}.test_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    spacing_mm: float = 1.25
+    size_px: int = 128
+    crop: Literal["centre", "heart"] = "centre"
+    normalise: Literal["zscore", "percentile"] = "zscore"
+
+    def __post_init__(self) -> None:
+        if self.spacing_mm <= 0:
+            raise ValueError("preprocess.spacing_mm must be > 0")
+        if self.size_px < 32 or self.size_px % 16:
+            raise ValueError("preprocess.size_px must be a multiple of 16 and >= 32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Segmenter: a preset, or any ``monai.networks.nets`` class by name with its arguments."""
+
+    preset: Literal["unet", "dynunet", "tiny"] = "unet"
+    network: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimiser: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = 1e-5
+    m_best: int = 3
+    val_fraction: float = 0.2
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.m_best < 1:
+            raise ValueError("train.epochs >= 0, train.batch_size >= 1 and train.m_best >= 1 are required")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("train.val_fraction must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class QCConfig:
+    """QC autoencoder and pseudo-metrics (pDC / pHD) and the OoD fences."""
+
+    ae_epochs: int = 40
+    ae_batch_size: int = 32
+    ae_lr: float = 2e-4
+    ae_latent_channels: int = 100
+    ae_dropout: float = 0.1
+    classes: Literal["rv", "foreground"] = "rv"
+    hausdorff: Literal["max", "p95"] = "max"
+    tukey_factor: float = 1.5
+    threshold_source: Literal["labelled-val", "unlabelled"] = "labelled-val"
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    k_semi: int = 10
+    alpha: Literal["inverse", "linear"] = "inverse"
+    rv_weight: float = 3.0
+    lr: float = 2e-4
+    batch_size: int = 16
+    largest_component: bool = False
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    strategy: Literal["fedavg", "fedprox", "fedbn"] = "fedavg"
+    proximal_mu: float = 0.01
+    supervised_rounds: int = 5
+    ae_rounds: int = 3
+    local_epochs: int = 2
+    min_sites: int = 1
+    timeout_s: float = 600.0
+    half_precision_transfer: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole fedqc run. ``source`` is the YAML file it came from (for relative paths)."""
+
+    sites: tuple[SiteConfig, ...]
+    views: tuple[View, ...] = ("SA", "LA")
+    simulated: SimulatedData | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    qc: QCConfig = field(default_factory=QCConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    source: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise ValueError("at least one site is required under 'sites'")
+        names = [s.name for s in self.sites]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"site names must be unique; repeated: {duplicated}")
+        if not self.views or len(set(self.views)) != len(self.views):
+            raise ValueError("views must list SA and/or LA once each")
+
+    @property
+    def labelled_sites(self) -> tuple[SiteConfig, ...]:
+        return tuple(s for s in self.sites if s.labelled)
+
+    def site(self, name: str) -> SiteConfig:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise ConfigError("sites", f"no site named {name!r}; sites: {[s.name for s in self.sites]}", self.source)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config file.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted-key overrides applied before validation, e.g. ``{"train.epochs": 1}``.
+
+    Raises:
+        ConfigError: naming the file and key for a missing file, bad YAML or any invalid value.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError("<file>", f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"not valid YAML: {exc}", path) from None
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", "the file must hold a mapping of keys", path)
+    data.pop("source", None)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    config = build(Config, data, "", path)
+    check_site_roots(config, path)
+    return dataclasses.replace(config, source=path)
+
+
+def check_site_roots(config: Config, source: Path | None) -> None:
+    """A site root must exist, unless the config asks for simulated data (made on first use)."""
+    if config.simulated is not None:
+        return
+    for i, site in enumerate(config.sites):
+        if not site.root.is_dir():
+            raise ConfigError(f"sites[{i}].root", f"data folder not found: {site.root} (site {site.name!r})", source)
+
+
+def config_from_dict(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:
+    """Validate an in-memory mapping (as in a YAML file living in ``base_dir``)."""
+    source = None if base_dir is None else Path(base_dir).resolve() / "<memory>.yaml"
+    config = build(Config, dict(data), "", source)
+    return dataclasses.replace(config, source=source)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """A plain, YAML-serialisable mapping of ``config`` (paths as strings)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.name != "source"}
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(config)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(dotted, "cannot override inside a non-mapping value")
+    node[parts[-1]] = value
