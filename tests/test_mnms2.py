@@ -82,6 +82,7 @@ def test_folder_layout_tokens_and_label_places(tmp_path):
     nifti(tmp_path / "scan7.nii")
     nifti(tmp_path / "labels" / "scan7.nii")
     nifti(tmp_path / "scan8.nii.gz")
+    nifti(tmp_path / "scan8_pred.nii.gz")
     cases = discover_cases(tmp_path, layout="folder")
     by_id = {c.case_id: c for c in cases}
     assert set(by_id) == {"patientA_LA_ES", "scan7_SA_ED", "scan8_SA_ED"}

@@ -272,7 +272,7 @@ def _find_folder(root: Path) -> list[Case]:
     cases = []
     for path in _nifti_files(root):
         stem = _stem(path)
-        if stem.endswith("_gt"):
+        if stem.endswith(("_gt", "_pred")):  # labels, and fedqc's own predictions
             continue
         tokens = stem.split("_")
         view = next((t for t in tokens if t in VIEWS), "SA")
