@@ -1,0 +1,181 @@
+"""OoD thresholds: Tukey fences on the pseudo-metrics (paper Eq. 3 and 4).
+
+    th_low = Q1(pDC) - factor * (Q3(pDC) - Q1(pDC))      (Eq. 3, factor 1.5)
+    th_up  = Q3(pHD) + factor * (Q3(pHD) - Q1(pHD))      (Eq. 4)
+
+Quartiles are ``numpy.percentile(values, [25, 75])`` with its default ``method="linear"``
+(Hyndman & Fan type 7: the q-th quartile sits at rank ``(n - 1) * q / 4`` of the sorted values,
+interpolated linearly). Non-finite values are dropped before fitting and counted in
+``Thresholds.n_dropped``; each of the two sets needs at least :data:`MIN_VALUES` finite values.
+
+Fitted thresholds are saved as a small JSON file (written atomically) so that a site's run can be
+read back, compared and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from fedqc.errors import DataError, FedqcError
+
+MIN_VALUES = 4  # fewer finite values leave the quartiles meaningless
+FORMAT = "fedqc-thresholds/1"
+QUANTILE_METHOD = "numpy.percentile linear (Hyndman-Fan type 7)"
+
+
+class ThresholdFitError(FedqcError, ValueError):
+    """Too few usable pseudo-metric values to fit the fences; the message says how many."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Tukey fences on pDC and pHD, with the quartiles they came from.
+
+    Attributes:
+        th_low_pdc: lower fence on pDC (Eq. 3); a candidate fails when ``pdc < th_low_pdc``.
+        th_up_phd: upper fence on pHD in mm (Eq. 4); a candidate fails when ``phd > th_up_phd``.
+        q1_pdc, q3_pdc: first and third quartiles of the pDC values.
+        q1_phd, q3_phd: first and third quartiles of the pHD values (mm).
+        factor: the fence factor (1.5 in the paper).
+        n_cases: number of cases given to the fit, before dropping non-finite values.
+        source: what the values came from, e.g. ``"unlabelled"`` or ``"site-2/SA/ED"``.
+        n_dropped: non-finite values dropped (pDC and pHD counted together).
+    """
+
+    th_low_pdc: float
+    th_up_phd: float
+    q1_pdc: float
+    q3_pdc: float
+    q1_phd: float
+    q3_phd: float
+    factor: float
+    n_cases: int
+    source: str
+    n_dropped: int = 0
+
+    def to_json(self, path: str | Path) -> None:
+        """Write the thresholds as readable JSON, atomically (a temporary file then a rename).
+
+        Args:
+            path: destination file; its folder must exist.
+        """
+        path = Path(path)
+        record = {"format": FORMAT, "quantile_method": QUANTILE_METHOD, **asdict(self)}
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as stream:
+                json.dump(record, stream, indent=2)
+                stream.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Thresholds:
+        """Read thresholds written by :meth:`to_json`.
+
+        Args:
+            path: the JSON file.
+
+        Raises:
+            DataError: the file is missing, not JSON, of another format or lacks a field.
+        """
+        try:
+            record = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(path, f"cannot read thresholds: {err}") from err
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            raise DataError(path, f"not a thresholds file (expected format {FORMAT!r})")
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name not in record and name != "n_dropped"]
+        if missing:
+            raise DataError(path, f"thresholds file lacks {missing}")
+        return cls(**{name: record[name] for name in names if name in record})
+
+
+def fit_tukey_thresholds(
+    pdc_values: np.ndarray,
+    phd_values: np.ndarray,
+    factor: float = 1.5,
+    source: str = "unlabelled",
+) -> Thresholds:
+    """Fit Eq. 3 and 4 on one value per case.
+
+    Args:
+        pdc_values: pDC of each case (1-D).
+        phd_values: pHD of each case in mm (1-D, same length).
+        factor: fence factor, 1.5 in the paper.
+        source: label stored with the result.
+
+    Returns:
+        The fitted :class:`Thresholds`.
+
+    Raises:
+        ThresholdFitError: fewer than :data:`MIN_VALUES` finite values in either set.
+        ValueError: the inputs are not 1-D arrays of equal length, or ``factor`` is negative.
+    """
+    pdc = np.asarray(pdc_values, dtype=np.float64)
+    phd = np.asarray(phd_values, dtype=np.float64)
+    if pdc.ndim != 1 or pdc.shape != phd.shape:
+        raise ValueError(f"pdc and phd must be 1-D of equal length, got {pdc.shape} and {phd.shape}")
+    if not (math.isfinite(factor) and factor >= 0):
+        raise ValueError(f"factor must be a finite number >= 0, got {factor}")
+    pdc_ok, phd_ok = pdc[np.isfinite(pdc)], phd[np.isfinite(phd)]
+    for name, kept in (("pDC", pdc_ok), ("pHD", phd_ok)):
+        if kept.size < MIN_VALUES:
+            raise ThresholdFitError(
+                f"{source}: {kept.size} finite {name} values of {pdc.size} cases; "
+                f"the Tukey fences need at least {MIN_VALUES}"
+            )
+    q1_pdc, q3_pdc = np.percentile(pdc_ok, [25, 75])
+    q1_phd, q3_phd = np.percentile(phd_ok, [25, 75])
+    return Thresholds(
+        th_low_pdc=float(q1_pdc - factor * (q3_pdc - q1_pdc)),
+        th_up_phd=float(q3_phd + factor * (q3_phd - q1_phd)),
+        q1_pdc=float(q1_pdc),
+        q3_pdc=float(q3_pdc),
+        q1_phd=float(q1_phd),
+        q3_phd=float(q3_phd),
+        factor=float(factor),
+        n_cases=int(pdc.size),
+        source=source,
+        n_dropped=int(pdc.size - pdc_ok.size + phd.size - phd_ok.size),
+    )
+
+
+def fit_from_candidates(
+    pdc: np.ndarray,
+    phd: np.ndarray,
+    factor: float = 1.5,
+    source: str = "unlabelled",
+) -> Thresholds:
+    """Fit the fences on each case's best candidate, as the reference implementation does.
+
+    Each case contributes its best pDC (maximum over the m candidates) and, independently, its
+    best pHD (minimum); non-finite candidate values are ignored, and a case with none finite
+    counts as dropped. With ``m == 1`` this is :func:`fit_tukey_thresholds`.
+
+    Args:
+        pdc: ``(n_cases, m)`` pDC of each candidate prediction.
+        phd: ``(n_cases, m)`` pHD in mm, same shape.
+        factor: fence factor.
+        source: label stored with the result.
+
+    Returns:
+        The fitted :class:`Thresholds` (``n_cases`` counts cases, not candidates).
+    """
+    pdc = np.asarray(pdc, dtype=np.float64)
+    phd = np.asarray(phd, dtype=np.float64)
+    if pdc.ndim != 2 or pdc.shape != phd.shape:
+        raise ValueError(f"pdc and phd must be (n_cases, m) of equal shape, got {pdc.shape} and {phd.shape}")
+    best_pdc = np.where(np.isfinite(pdc), pdc, -np.inf).max(axis=1, initial=-np.inf)
+    best_phd = np.where(np.isfinite(phd), phd, np.inf).min(axis=1, initial=np.inf)
+    return fit_tukey_thresholds(best_pdc, best_phd, factor, source)
