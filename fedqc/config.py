@@ -112,6 +112,10 @@ class QCConfig:
     tukey_factor: float = 1.5
     threshold_source: Literal["labelled-val", "unlabelled"] = "labelled-val"
 
+    def __post_init__(self) -> None:
+        if not self.tukey_factor >= 0:
+            raise ValueError("qc.tukey_factor must be >= 0 (1.5 in the paper)")
+
 
 @dataclass(frozen=True)
 class RefineConfig:

@@ -1,0 +1,182 @@
+"""The centralised commands: ``fedqc train``, ``refine``, ``predict``, ``evaluate`` and ``simulate``.
+
+Each command reads its inputs, runs the stages of ``fedqc.method`` and writes its outputs into a
+run directory (``fedqc.run_dir``) or a prediction folder, printing progress and ending with a
+readable summary table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+from fedqc.config import Config, load_config
+from fedqc.errors import DataError, FedqcError
+
+
+def ensure_data(config: Config, progress=print) -> None:
+    """Generate simulated data for sites whose root does not exist yet (``simulated:`` in config)."""
+    if config.simulated is None:
+        return
+    from fedqc.data.simulator import simulate_dataset
+
+    for root in sorted({site.root for site in config.sites}):
+        if (root / "dataset_information.csv").is_file():
+            continue
+        sim = config.simulated
+        progress(f"simulating data ({sim.preset}, seed {sim.seed}) into {root} (first use)")
+        simulate_dataset(root, preset=sim.preset, subjects_per_centre=sim.subjects_per_centre, seed=sim.seed)
+
+
+def _prepare(config: Config, view, progress=print):
+    from fedqc.site_data import load_site_split
+
+    return [load_site_split(site, view, config, progress=progress) for site in config.sites]
+
+
+def train_command(config_path: Path, run: Path, overrides=None) -> int:
+    from fedqc.method import models_from_states, train_supervised
+    from fedqc.report import format_table
+    from fedqc.run_dir import save_autoencoder, save_candidates, save_config, thresholds_path, write_json
+    from fedqc.train.device import select_device
+    from fedqc.method import fit_thresholds
+    from fedqc.qc.thresholds import ThresholdFitError
+    from fedqc.run_dir import load_autoencoder
+
+    config = load_config(config_path, overrides)
+    if not config.labelled_sites:
+        raise FedqcError("no site is labelled: set 'labelled: true' on at least one site to train")
+    ensure_data(config)
+    device = select_device(config.train.device)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(run, config)
+    rows = []
+    for view in config.views:
+        start = time.perf_counter()
+        print(f"[{view}] preparing data")
+        splits = _prepare(config, view)
+        train = [c for s in splits for c in s.train]
+        val = [c for s in splits for c in s.val]
+        print(f"[{view}] training on {len(train)} cases ({sum(len(c.images) for c in train)} slices), "
+              f"validating on {len(val)} cases, device {device}")
+        result = train_supervised(config, train, val, device)
+        save_candidates(run, view, "supervised", result.candidate_states, result.candidate_info)
+        save_autoencoder(run, view, result.autoencoder_state)
+        write_json(run / view / "history.json", result.history)
+        models = models_from_states(config, result.candidate_states, device)
+        ae = load_autoencoder(run, view, config, device)
+        for info in result.candidate_info:
+            rows.append([view, info["rank"], info["epoch"], info["val_score"]])
+        try:
+            th = fit_thresholds(config, models, ae, val, "labelled-val", device)
+        except ThresholdFitError as exc:
+            if config.qc.threshold_source == "labelled-val":
+                raise
+            print(f"[{view}] note: no labelled-validation fences ({exc})")
+            continue
+        th.to_json(thresholds_path(run, view, "labelled-val"))
+        print(f"[{view}] done in {time.perf_counter() - start:.0f} s; labelled-val fences: "
+              f"pDC < {th.th_low_pdc:.3f}, pHD > {th.th_up_phd:.2f} mm")
+    print(format_table(["view", "candidate", "epoch", "val Dice"], rows))
+    print(f"run directory: {run}")
+    return 0
+
+
+def site_thresholds(config: Config, run: Path, view, models, ae, splits, device) -> dict:
+    """Each unlabelled site's fences: fitted on its own pool, or the labelled-validation ones."""
+    from fedqc.method import fit_thresholds
+    from fedqc.qc.thresholds import Thresholds
+    from fedqc.run_dir import thresholds_path
+
+    result = {}
+    for split in splits:
+        if not split.pool:
+            continue
+        if config.qc.threshold_source == "labelled-val":
+            th = Thresholds.from_json(thresholds_path(run, view, "labelled-val"))
+        else:
+            th = fit_thresholds(config, models, ae, split.pool, "unlabelled", device)
+        th.to_json(thresholds_path(run, view, split.site))
+        result[split.site] = th
+    return result
+
+
+def refine_command(config_path: Path, run: Path, overrides=None) -> int:
+    from fedqc.method import refine
+    from fedqc.report import format_table
+    from fedqc.run_dir import load_autoencoder, load_candidates, save_candidates, write_json
+    from fedqc.train.device import select_device
+
+    config = load_config(config_path, overrides)
+    ensure_data(config)
+    device = select_device(config.train.device)
+    rows = []
+    for view in config.views:
+        models = load_candidates(run, view, "supervised", config, device)
+        ae = load_autoencoder(run, view, config, device)
+        splits = _prepare(config, view)
+        pools = {s.site: s.pool for s in splits if s.pool}
+        if not pools:
+            raise FedqcError("no unlabelled cases to refine on: add a site with 'labelled: false'")
+        labelled = [c for s in splits for c in s.train]
+        thresholds = site_thresholds(config, run, view, models, ae, splits, device)
+        print(f"[{view}] refining {len(models)} candidates on {sum(map(len, pools.values()))} unlabelled cases")
+        refined, log = refine(config, models, ae, pools, thresholds, labelled, device)
+        states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in refined]
+        save_candidates(run, view, "refined", states, [{"rank": i} for i in range(len(states))])
+        write_json(run / view / "refine_log.json", log.__dict__)
+        for site in pools:
+            rows.append([view, site, log.flagged_initial[site], log.flagged_final[site], len(log.epochs)])
+    print(format_table(["view", "site", "flagged before", "flagged after", "epochs"], rows))
+    return 0
+
+
+def predict_command(run: Path, data: Path, out: Path, stage: str = "refined") -> int:
+    from fedqc.data.mnms2 import discover_cases
+    from fedqc.predict import predict_folder
+
+    from fedqc.run_dir import load_run_config
+
+    config = load_run_config(run)
+    cases = discover_cases(data, views=config.views)
+    if not cases:
+        raise DataError(data, "no cases found")
+    rows = predict_folder(config, run, cases, out, stage=stage)
+    flagged = sum(1 for r in rows if r["ood"])
+    print(f"wrote {len(rows)} predictions, qc.csv and {flagged} overlay PNGs of flagged cases to {out}")
+    return 0
+
+
+def evaluate_command(data: Path, pred: Path, json_path: Path | None = None) -> int:
+    from fedqc.evaluate import evaluate_predictions, format_summary, results_as_json
+    from fedqc.run_dir import write_json
+
+    results = evaluate_predictions(data, pred)
+    print(format_summary(results))
+    if json_path is not None:
+        write_json(json_path, results_as_json(results))
+        print(f"results written to {json_path}")
+    return 0
+
+
+def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int:
+    config = load_config(config_path, overrides)
+    run = run or Path("runs") / config_path.stem
+    ensure_data(config)
+    try:
+        from fedqc.fl.simulation import run_simulation
+    except ModuleNotFoundError:
+        raise FedqcError("the federated simulation is not available in this version") from None
+    run_simulation(config, run)
+    return 0
+
+
+def qc_csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()

@@ -1,0 +1,92 @@
+"""Inference at a site: QC-based candidate selection, predictions in the original geometry, QC report.
+
+Writes, per case, ``<case_id>_pred.nii.gz`` (labels 0..3 with the input's affine and header, so it
+overlays the image in any viewer), ``qc.csv`` (pDC, pHD, OoD flag, selected candidate) and an
+overlay PNG (image, prediction, reconstruction) for every flagged case.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from fedqc.config import Config
+from fedqc.data.mnms2 import Case
+from fedqc.data.nifti import load_image, save_label
+from fedqc.data.preprocess import restore_probabilities
+from fedqc.method import fit_thresholds, predict_case
+from fedqc.postprocess import largest_component_per_structure
+from fedqc.qc.thresholds import Thresholds
+from fedqc.report import overlay_png
+from fedqc.run_dir import (atomic_write_bytes, has_stage, load_autoencoder, load_candidates, thresholds_path)
+from fedqc.site_data import prepare_case, spec_from_config
+from fedqc.train.device import select_device
+from fedqc.types import View
+
+MIN_CASES_FOR_FENCES = 4
+
+
+def choose_thresholds(config: Config, run: Path, view: View, models, ae, prepared, device) -> Thresholds:
+    """The paper's fences fitted on the cases being predicted, or the run's labelled-validation ones."""
+    if config.qc.threshold_source == "unlabelled" and len(prepared) >= MIN_CASES_FOR_FENCES:
+        return fit_thresholds(config, models, ae, prepared, "unlabelled", device)
+    if config.qc.threshold_source == "unlabelled":
+        warnings.warn(f"only {len(prepared)} {view} cases: too few for fences of their own; "
+                      "using the labelled-validation fences", stacklevel=2)
+    return Thresholds.from_json(thresholds_path(run, view, "labelled-val"))
+
+
+def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.nn.Module,
+                  cases: Sequence[Case], thresholds: Thresholds | None, out: Path, device: torch.device,
+                  run: Path | None = None, selection: bool = True,
+                  progress: Callable[[str], None] | None = print) -> list[dict]:
+    """Predict ``cases`` of one view and write their files; returns the qc.csv rows."""
+    spec = spec_from_config(config.preprocess)
+    prepared = [prepare_case(c, spec, with_labels=False) for c in cases]
+    if thresholds is None:
+        thresholds = choose_thresholds(config, run, cases[0].view, models, ae, prepared, device)
+    rows = []
+    for i, (case, item) in enumerate(zip(cases, prepared)):
+        result = predict_case(config, models, ae, item, thresholds, device, selection=selection)
+        labels = restore_probabilities(result.probs, item.geometry)
+        if config.refine.largest_component:
+            labels = largest_component_per_structure(labels)
+        save_label(out / f"{case.case_id}_pred.nii.gz", labels, load_image(case.image))
+        if result.ood:
+            overlay_png(out / "overlays" / f"{case.case_id}.png", item.images, result.labels,
+                        result.reconstruction, f"{case.case_id}: OoD (pDC {result.pdc_selected:.3f}, "
+                                               f"pHD {result.phd_selected:.1f} mm)")
+        rows.append({"case_id": case.case_id, "subject": case.subject, "view": case.view, "phase": case.phase,
+                     "pdc": round(result.pdc_selected, 5), "phd_mm": round(result.phd_selected, 4),
+                     "ood": result.ood, "selected": "fallback" if result.selected is None else result.selected,
+                     "pdc_candidates": " ".join(f"{v:.4f}" for v in result.pdc),
+                     "phd_candidates": " ".join(f"{v:.3f}" for v in result.phd),
+                     "th_low_pdc": round(thresholds.th_low_pdc, 5), "th_up_phd": round(thresholds.th_up_phd, 4)})
+        if progress and ((i + 1) % 20 == 0 or i + 1 == len(cases)):
+            progress(f"  predicted {i + 1}/{len(cases)} {case.view} cases")
+    return rows
+
+
+def predict_folder(config: Config, run: Path, cases: Sequence[Case], out: Path, stage: str = "refined",
+                   progress: Callable[[str], None] | None = print) -> list[dict]:
+    """``fedqc predict``: every view of the run, then ``qc.csv`` (written once, atomically)."""
+    from fedqc.commands import qc_csv_text
+
+    device = select_device(config.train.device)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    for view in config.views:
+        view_cases = [c for c in cases if c.view == view]
+        if not view_cases:
+            continue
+        use = stage if has_stage(run, view, stage) else "supervised"
+        if progress:
+            progress(f"[{view}] {len(view_cases)} cases with the {use} candidates")
+        models = load_candidates(run, view, use, config, device)
+        ae = load_autoencoder(run, view, config, device)
+        rows += predict_cases(config, models, ae, view_cases, None, out, device, run=run, progress=progress)
+    atomic_write_bytes(out / "qc.csv", lambda tmp: tmp.write_text(qc_csv_text(rows)))
+    return rows

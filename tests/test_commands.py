@@ -1,0 +1,105 @@
+"""The centralised commands end to end on tiny data: train -> refine -> predict -> evaluate."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fedqc.cli import main
+from tests.conftest import tiny_config_dict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_data):
+    import yaml
+
+    folder = tmp_path_factory.mktemp("run")
+    # Fences at the quartiles (factor 0) so that refinement surely has flagged cases to work on.
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, qc={"tukey_factor": 0.0})))
+    run = folder / "run"
+    assert main(["train", "--config", str(config), "--out", str(run)]) == 0
+    return config, run
+
+
+def test_train_writes_ranked_candidates_and_autoencoder(trained):
+    _, run = trained
+    for view in ("SA", "LA"):
+        info = json.loads((run / view / "supervised" / "candidates.json").read_text())
+        assert len(info) == 2
+        assert info[0]["val_score"] >= info[1]["val_score"]
+        assert (run / view / "qc_autoencoder.pt").is_file()
+    assert (run / "config.yaml").is_file()
+
+
+def test_refine_changes_the_candidates(trained):
+    import torch
+
+    config, run = trained
+    assert main(["refine", "--config", str(config), "--run", str(run)]) == 0
+    log = json.loads((run / "SA" / "refine_log.json").read_text())
+    assert log["epochs"], "refinement ran no epoch although fences inside the IQR flag cases"
+    before = torch.load(run / "SA" / "supervised" / "candidate_0.pt")
+    after = torch.load(run / "SA" / "refined" / "candidate_0.pt")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    fences = json.loads((run / "SA" / "thresholds" / "centre2.json").read_text())
+    assert fences["source"] == "unlabelled" and fences["n_cases"] > 0
+
+
+def test_predict_and_evaluate(trained, tiny_data, tmp_path):
+    _, run = trained
+    out = tmp_path / "pred"
+    assert main(["predict", "--run", str(run), "--data", str(tiny_data), "--out", str(out)]) == 0
+    preds = sorted(out.glob("*_pred.nii.gz"))
+    assert len(preds) == 16 * 4
+    image = nib.load(tiny_data / "001" / "001_SA_ED.nii.gz")
+    pred = nib.load(out / "001_SA_ED_pred.nii.gz")
+    assert pred.shape == image.shape
+    assert np.allclose(pred.affine, image.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
+    with open(out / "qc.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 64
+    assert {"pdc", "phd_mm", "ood", "selected"} <= set(rows[0])
+    flagged = [r for r in rows if r["ood"] == "True"]
+    assert len(list((out / "overlays").glob("*.png"))) == len(flagged)
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", "--data", str(tiny_data), "--pred", str(out), "--json", str(report)]) == 0
+    summary = json.loads(report.read_text())["summary"]["RV"]
+    assert summary["SA"]["all"]["n"] == 32
+    assert 0.0 <= summary["SA"]["all"]["dice_mean"] <= 1.0
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys, write_config):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    bad = write_config({"sites": [{"name": "a", "root": str(tmp_path / "empty"), "labelled": True}]})
+    assert main(["train", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "empty" in err and "Traceback" not in err
+    (tmp_path / "norun").mkdir()
+    assert main(["predict", "--run", str(tmp_path / "norun"), "--data", str(tmp_path),
+                 "--out", str(tmp_path / "p")]) == 2
+    assert "config.yaml missing" in capsys.readouterr().err
+
+
+def test_help_is_instant_and_lists_commands(capsys):
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "fedqc.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("simulate-data", "train", "refine", "predict", "evaluate", "simulate"):
+        assert command in result.stdout
+    # No heavy imports behind --help: torch alone takes seconds to import here.
+    check = subprocess.run([sys.executable, "-c", "import sys, fedqc.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert check.stdout.strip() == "False"
+    assert time.perf_counter() - start < 60
