@@ -27,7 +27,8 @@ def ensure_data(config: Config, progress=print) -> None:
             continue
         sim = config.simulated
         progress(f"simulating data ({sim.preset}, seed {sim.seed}) into {root} (first use)")
-        simulate_dataset(root, preset=sim.preset, subjects_per_centre=sim.subjects_per_centre, seed=sim.seed)
+        simulate_dataset(root, preset=sim.preset, subjects_per_centre=sim.subjects_per_centre, seed=sim.seed,
+                         shift_strength=sim.shift_strength)
 
 
 def _prepare(config: Config, view, progress=print):

@@ -30,9 +30,10 @@ FilterValue = str | int | float | tuple[str | int | float, ...]
 class SimulatedData:
     """Generate the data with fedqc's simulator when ``root`` does not exist yet."""
 
-    preset: str = "consortium"
+    preset: Literal["consortium", "quickstart", "tiny"] = "consortium"
     subjects_per_centre: int | None = None
     seed: int = 0
+    shift_strength: float | None = None
 
 
 @dataclass(frozen=True)
@@ -175,12 +176,13 @@ class Config:
         raise ConfigError("sites", f"no site named {name!r}; sites: {[s.name for s in self.sites]}", self.source)
 
 
-def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, check_paths: bool = True) -> Config:
     """Read and validate a YAML config file.
 
     Args:
         path: the YAML file.
         overrides: dotted-key overrides applied before validation, e.g. ``{"train.epochs": 1}``.
+        check_paths: check that every site's data root exists (unless the data is simulated).
 
     Raises:
         ConfigError: naming the file and key for a missing file, bad YAML or any invalid value.
@@ -198,7 +200,8 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     config = build(Config, data, "", path)
-    check_site_roots(config, path)
+    if check_paths:
+        check_site_roots(config, path)
     return dataclasses.replace(config, source=path)
 
 
