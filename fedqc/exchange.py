@@ -54,6 +54,29 @@ class MetricKey(StrEnum):
 ALLOWED_METRIC_KEYS: frozenset[str] = frozenset(k.value for k in MetricKey)
 
 
+class ConfigKey(StrEnum):
+    """Keys of the flat config a site receives with every task (values are scalars)."""
+
+    TASK = "task"  # a Task value
+    SERVER_ROUND = "server-round"  # exchange counter over the whole run, 1-based
+    PHASE_ROUND = "phase-round"  # round within the current phase, 1-based (k in alpha = 1/k)
+    LOCAL_EPOCHS = "local-epochs"  # 0 with weights=None: return freshly initialised weights, no data read
+    ALPHA = "alpha"  # weight of the semi-supervised term in Eq. 2 (REFINE)
+    PROXIMAL_MU = "proximal-mu"  # FedProx: add mu/2 * ||w - w_received||^2 to the local loss; 0 = off
+    NUM_CANDIDATES = "num-candidates"  # m_best segmenters carried in REFINE / PREDICT weights
+    SEED = "seed"
+
+
+def candidate_prefix(index: int) -> str:
+    """Name prefix of the ``index``-th m_best segmenter in REFINE / PREDICT weights.
+
+    Those weights hold ``m0/seg/SA/...``, ``m1/seg/SA/...`` (one copy per candidate, best first)
+    plus the frozen ``ae/...`` autoencoder; SUPERVISED and EVALUATE weights hold ``seg/...`` only,
+    QC_AUTOENCODER weights ``ae/...`` only.
+    """
+    return f"m{index}/"
+
+
 @dataclass
 class SiteReply:
     """A site's answer to one task: optional weights and scalar metrics (keys from MetricKey)."""

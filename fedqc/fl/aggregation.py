@@ -1,0 +1,148 @@
+"""Server-side arithmetic on flat weights: checks, weighted averaging, FedBN's split, m_best.
+
+Pure numpy: no Flower, no torch. The protocol (:mod:`fedqc.fl.protocol`) decides what to
+aggregate; this module does the sums.
+
+FedAvg (and FedProx, whose proximal term lives in the sites' local loss) is the weighted mean
+``w = sum_i n_i w_i / sum_i n_i`` over the sites that returned an update, ``n_i`` being each
+site's NUM_EXAMPLES. Names a site did not return keep their previous global value, which is how
+FedBN's local normalisation layers (never sent back) and the frozen autoencoder stay untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedqc.exchange import Weights
+
+
+@dataclass
+class Update:
+    """One site's contribution to a round.
+
+    Attributes:
+        site: the site's name (for messages).
+        weights: the arrays it returned.
+        num_examples: its aggregation weight.
+    """
+
+    site: str
+    weights: Weights
+    num_examples: float
+
+
+def select(weights: Mapping[str, np.ndarray], prefix: str = "", exclude_prefix: str = "") -> Weights:
+    """Names starting with ``prefix`` and not with ``exclude_prefix`` (empty: no condition)."""
+    return {k: v for k, v in weights.items()
+            if k.startswith(prefix) and not (exclude_prefix and k.startswith(exclude_prefix))}
+
+
+def local_names(names: Iterable[str], pattern: str, shared_prefix: str = "ae/") -> set[str]:
+    """FedBN: the names that stay at each site (matching ``pattern``, outside ``shared_prefix``)."""
+    regex = re.compile(pattern)
+    return {n for n in names if regex.search(n) and not n.startswith(shared_prefix)}
+
+
+def check_update(update: Update, reference: Mapping[str, np.ndarray]) -> str | None:
+    """Why an update must not be aggregated, or None when it is sound.
+
+    An update is refused when it names an array the server does not have, when a shape differs
+    from the global one, when a floating array holds NaN or Inf, or when its weight is not a
+    positive finite number.
+    """
+    if not np.isfinite(update.num_examples) or update.num_examples <= 0:
+        return f"num-examples must be a positive number, got {update.num_examples!r}"
+    for name, value in update.weights.items():
+        if name not in reference:
+            return f"unknown array {name!r}"
+        if tuple(value.shape) != tuple(np.shape(reference[name])):
+            return f"array {name!r} has shape {tuple(value.shape)}, expected {tuple(np.shape(reference[name]))}"
+        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+            return f"array {name!r} holds NaN or Inf"
+    return None
+
+
+def weighted_average(updates: list[Update], reference: Mapping[str, np.ndarray]) -> Weights:
+    """FedAvg over the sites that returned each name; other names keep their ``reference`` value.
+
+    Args:
+        updates: checked updates (see :func:`check_update`), at least one.
+        reference: the current global weights (dtype and fallback value of every name).
+
+    Returns:
+        New global weights with exactly the names of ``reference``, in their original dtypes
+        (integer arrays are rounded).
+    """
+    if not updates:
+        raise ValueError("nothing to aggregate")
+    sums: dict[str, np.ndarray] = {}
+    totals: dict[str, float] = {}
+    for update in updates:
+        for name, value in update.weights.items():
+            term = np.asarray(value, dtype=np.float64) * update.num_examples
+            sums[name] = sums[name] + term if name in sums else term
+            totals[name] = totals.get(name, 0.0) + update.num_examples
+    result: Weights = {}
+    for name, old in reference.items():
+        old = np.asarray(old)
+        if name not in sums:
+            result[name] = old
+            continue
+        mean = sums[name] / totals[name]
+        if not np.issubdtype(old.dtype, np.floating):
+            mean = np.rint(mean)
+        result[name] = mean.astype(old.dtype)
+    return result
+
+
+def weighted_mean(values: Iterable[tuple[float, float]]) -> float | None:
+    """Mean of ``(value, weight)`` pairs; None when the weights sum to zero."""
+    pairs = [(float(v), float(w)) for v, w in values]
+    total = sum(w for _, w in pairs)
+    if total <= 0:
+        return None
+    return sum(v * w for v, w in pairs) / total
+
+
+@dataclass
+class BestRounds:
+    """The m_best global checkpoints by federated validation score (higher is better).
+
+    Rounds are added as they finish (unscored) and scored when their validation arrives (one
+    round later, inside the next training reply). :meth:`keep` lists the rounds whose checkpoint
+    files must stay: the m best scored, plus any round still waiting for its score.
+    """
+
+    m_best: int
+    scores: dict[int, float | None] = field(default_factory=dict)
+
+    def add(self, round_: int) -> None:
+        """A round finished; its score is not known yet."""
+        self.scores.setdefault(round_, None)
+
+    def score(self, round_: int, value: float | None) -> None:
+        """Record a round's federated validation score (None: no site reported one)."""
+        self.scores[round_] = value
+
+    def best(self) -> list[int]:
+        """The m best rounds, best first; unscored rounds rank after scored ones, latest first."""
+        ranked = sorted(self.scores, key=lambda r: (self.scores[r] is not None, self.scores[r] or 0.0, r), reverse=True)
+        return ranked[: self.m_best]
+
+    def keep(self) -> set[int]:
+        """Rounds whose checkpoint must stay on disk."""
+        waiting = {r for r, s in self.scores.items() if s is None and r == max(self.scores)}
+        return set(self.best()) | waiting
+
+    def to_json(self) -> dict:
+        """A JSON-able view (round numbers as strings)."""
+        return {"m_best": self.m_best, "scores": {str(k): v for k, v in self.scores.items()}}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> BestRounds:
+        """Inverse of :meth:`to_json`."""
+        return cls(int(data["m_best"]), {int(k): v for k, v in data["scores"].items()})

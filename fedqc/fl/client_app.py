@@ -1,0 +1,33 @@
+"""The fedqc ClientApp: every message goes to :func:`fedqc.fl.site_runner.handle`.
+
+Train, evaluate and query messages share one handler; the task is in the message's config.
+The audit mod records each reply when the run asks for it (see :mod:`fedqc.fl.audit`).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedqc.fl.audit import audit_mod
+from fedqc.fl.site_runner import handle
+
+app = ClientApp(mods=[audit_mod])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """SUPERVISED, QC_AUTOENCODER and REFINE."""
+    return handle(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """EVALUATE."""
+    return handle(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """PREDICT and the initial-weights request."""
+    return handle(msg, context)

@@ -1,0 +1,260 @@
+"""The coordinator's multi-phase protocol: supervised -> QC autoencoder -> refine -> predict.
+
+1. ``init``: every site introduces itself (name, algorithm built); initial global weights come
+   from ``initial_weights`` or from the first site (``local-epochs`` 0, no weights).
+2. ``supervised``: rounds of Task.SUPERVISED on ``seg/...`` (FedAvg / FedProx / FedBN). From round
+   2 on, each site first validates the weights it received (``evaluate-first``), so round r's
+   replies score global round r-1 at no extra exchange; one Task.EVALUATE scores the last round.
+   The m_best rounds by weighted-mean VAL_DICE become the candidates ``m0/...``, ``m1/...``.
+3. ``qc-autoencoder``: rounds of Task.QC_AUTOENCODER on ``ae/...``; the result is frozen.
+4. ``refine``: up to K_semi rounds of Task.REFINE on the candidates with alpha per round; stops
+   after a round in which no site reports NUM_FLAGGED > 0.
+5. ``predict``: one Task.PREDICT; sites write predictions and QC reports locally.
+
+State, global weights and the round log are written atomically after every round
+(:mod:`fedqc.fl.rundir`); ``resume`` continues from the last completed round.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedqc.exchange import ConfigKey, MetricKey, Scalar, Task, Weights, candidate_prefix
+from fedqc.fl import rundir
+from fedqc.fl.aggregation import BestRounds, Update, check_update, select, weighted_average, weighted_mean
+from fedqc.fl.rounds import (EVALUATE_FIRST, INIT, INIT_WEIGHTS, NORM_PATTERN, FederationError, Outcome,
+                              SiteExchange, num_examples)
+from fedqc.fl.settings import FederationSettings
+
+PHASES = ("init", "supervised", "qc-autoencoder", "refine", "predict", "done")
+AE = "ae/"
+CANDIDATE = re.compile(r"^m\d+/")
+
+
+class Protocol:
+    """Runs (or resumes) the protocol of one run directory over a Grid.
+
+    Args:
+        grid: the ServerApp's Grid.
+        settings: the protocol settings.
+        run_dir: where state, checkpoints and logs go.
+        resume: continue from ``RUN/state.json`` when it exists.
+    """
+
+    def __init__(self, grid: Grid, settings: FederationSettings, run_dir: Path, resume: bool = False):
+        self.settings = settings
+        self.run_dir = rundir.private_dir(Path(run_dir))
+        self.sites = SiteExchange(grid, settings)
+        state_path = self.run_dir / rundir.STATE
+        if resume and state_path.is_file():
+            state = rundir.read_json(state_path)
+            self.phase, self.phase_round = state["phase"], state["phase_round"]
+            self.server_round, self.best = state["server_round"], BestRounds.from_json(state["best"])
+            self.log_rows: list[dict] = rundir.read_json(self.run_dir / rundir.LOG)
+            self.weights = rundir.load_weights(rundir.checkpoint_path(self.run_dir, "global"))
+            log(INFO, "resuming %s at phase %s after round %d", run_dir, self.phase, self.phase_round)
+        else:
+            self.phase, self.phase_round, self.server_round = "init", 0, 0
+            self.best, self.log_rows, self.weights = BestRounds(settings.m_best), [], {}
+
+    def run(self) -> dict[str, Any]:
+        """Run every remaining phase; returns the summary also written to ``RUN/summary.json``."""
+        started = time.monotonic()
+        steps = {"init": self._init, "supervised": self._supervised, "qc-autoencoder": self._qc_autoencoder,
+                 "refine": self._refine, "predict": self._predict}
+        while self.phase != "done":
+            try:
+                steps[self.phase]()
+            except FederationError as exc:
+                self.log_rows.append({"phase": self.phase, "round": self.phase_round + 1, "error": str(exc)})
+                self._save()
+                raise
+            self._next_phase()
+        summary = self._summary(time.monotonic() - started)
+        rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
+        return summary
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _init(self) -> None:
+        """Every site introduces itself (and builds its algorithm); the first sends initial weights."""
+        first = self.sites.wait_for_sites()[0]
+        given = bool(self.settings.initial_weights)
+        if given:
+            self.weights = rundir.load_weights(Path(self.settings.initial_weights))
+        outcome = self._exchange(INIT, {ConfigKey.LOCAL_EPOCHS.value: 0}, None,
+                                 per_node={} if given else {first: {INIT_WEIGHTS: True}})
+        extra: dict[str, Any] = {"initial_weights": self.settings.initial_weights or None}
+        if not given:
+            answer = next((a for a in outcome.answers if a.node_id == first), None)
+            if answer is None or not answer.weights:
+                raise FederationError(f"site {self.sites.name(first)} did not return initial weights "
+                                      f"(failed: {outcome.failed})")
+            self.weights = answer.weights
+            extra["initial_weights"] = f"site {answer.site}"
+        self._record("init", 0, outcome, extra)
+
+    def _supervised(self) -> None:
+        rounds = self.settings.supervised_rounds
+        for r in range(self.phase_round + 1, rounds + 1):
+            config = self._train_config(Task.SUPERVISED, r)
+            config[EVALUATE_FIRST] = r > 1
+            outcome = self._exchange(Task.SUPERVISED, config, select(self.weights, exclude_prefix=AE))
+            extra = self._score(r - 1, outcome, val=True) if r > 1 else {}
+            extra.update(self._aggregate(outcome))
+            rundir.save_weights(rundir.supervised_checkpoint(self.run_dir, r), select(self.weights, exclude_prefix=AE))
+            self.best.add(r)
+            self._keep_best()
+            self._record("supervised", r, outcome, extra)
+        if rounds and self.best.scores.get(rounds) is None:
+            config = self._base_config(Task.EVALUATE, rounds + 1)
+            outcome = self._exchange(Task.EVALUATE, config, select(self.weights, exclude_prefix=AE))
+            extra = self._score(rounds, outcome, val=False)
+            self._keep_best()
+            self._record("supervised-evaluate", rounds, outcome, extra)
+        self._make_candidates()
+
+    def _qc_autoencoder(self) -> None:
+        for r in range(self.phase_round + 1, self.settings.ae_rounds + 1):
+            config = self._train_config(Task.QC_AUTOENCODER, r)
+            outcome = self._exchange(Task.QC_AUTOENCODER, config, select(self.weights, AE))
+            self._record("qc-autoencoder", r, outcome, self._aggregate(outcome))
+
+    def _refine(self) -> None:
+        last = self.log_rows[-1] if self.log_rows else {}
+        if last.get("phase") == "refine" and not any(last["num_flagged"].values()):
+            return  # resumed after the round that ended refinement
+        for k in range(self.phase_round + 1, self.settings.refine_rounds + 1):
+            config = self._train_config(Task.REFINE, k)
+            config[ConfigKey.ALPHA.value] = self.settings.alpha_at(k)
+            outcome = self._exchange(Task.REFINE, config, self._candidates(), ae=select(self.weights, AE))
+            flagged = {a.site: int(a.metrics.get(MetricKey.NUM_FLAGGED.value, 0)) for a in outcome.answers}
+            extra = {"alpha": config[ConfigKey.ALPHA.value], "num_flagged": flagged,
+                     **self._aggregate(outcome, required=False)}
+            self._record("refine", k, outcome, extra)
+            if not any(flagged.values()):
+                log(INFO, "refine: no site flagged a case in round %d; refinement ends", k)
+                break
+
+    def _predict(self) -> None:
+        if not self.settings.predict:
+            return
+        config = self._base_config(Task.PREDICT, 1)
+        config[ConfigKey.NUM_CANDIDATES.value] = self._num_candidates()
+        outcome = self._exchange(Task.PREDICT, config, self._candidates(), ae=select(self.weights, AE))
+        self._record("predict", 1, outcome, {})
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _base_config(self, task: str, phase_round: int) -> dict[str, Scalar]:
+        return {ConfigKey.PHASE_ROUND.value: phase_round, ConfigKey.SERVER_ROUND.value: self.server_round + 1,
+                ConfigKey.SEED.value: self.settings.seed, ConfigKey.LOCAL_EPOCHS.value: self.settings.local_epochs,
+                NORM_PATTERN: self.settings.norm_pattern if self.settings.strategy == "fedbn" else ""}
+
+    def _train_config(self, task: str, phase_round: int) -> dict[str, Scalar]:
+        config = self._base_config(task, phase_round)
+        mu = self.settings.proximal_mu if self.settings.strategy == "fedprox" else 0.0
+        config[ConfigKey.PROXIMAL_MU.value] = mu
+        config[ConfigKey.NUM_CANDIDATES.value] = self._num_candidates()
+        return config
+
+    def _exchange(self, task: str, config: Mapping[str, Scalar], weights: Mapping[str, np.ndarray] | None,
+                  ae: Mapping[str, np.ndarray] | None = None,
+                  per_node: Mapping[int, Mapping[str, Scalar]] | None = None) -> Outcome:
+        self.server_round += 1
+        log(INFO, "[%s] round %s: sending to the sites", task, config.get(ConfigKey.PHASE_ROUND.value, 0))
+        return self.sites.run(task, config, weights, ae=ae, per_node=per_node)
+
+    def _aggregate(self, outcome: Outcome, required: bool = True) -> dict[str, Any]:
+        updates, rejected = [], {}
+        for answer in outcome.answers:
+            if not answer.weights or num_examples(answer) <= 0:
+                continue
+            update = Update(answer.site, answer.weights, num_examples(answer))
+            problem = check_update(update, self.weights)
+            if problem:
+                rejected[answer.site] = problem
+                log(WARNING, "update of site %s rejected: %s", answer.site, problem)
+            else:
+                updates.append(update)
+        if not updates and (required or rejected):
+            raise FederationError(f"no usable update this round (rejected: {rejected}, failed: {outcome.failed})")
+        if updates:
+            self.weights = weighted_average(updates, self.weights)
+        return {"aggregated_from": [u.site for u in updates], "rejected": rejected}
+
+    def _score(self, round_: int, outcome: Outcome, val: bool) -> dict[str, Any]:
+        pairs = []
+        for answer in outcome.answers:
+            metrics = answer.val_metrics if val else answer.metrics
+            if MetricKey.VAL_DICE.value in metrics:
+                pairs.append((metrics[MetricKey.VAL_DICE.value], metrics.get(MetricKey.NUM_EXAMPLES.value, 1)))
+        score = weighted_mean(pairs)
+        self.best.score(round_, score)
+        return {"val_score_of_round": round_, "val_score": score}
+
+    def _keep_best(self) -> None:
+        rundir.prune_supervised(self.run_dir, self.best.keep())
+
+    def _make_candidates(self) -> None:
+        rounds = self.best.best()
+        seg = [rundir.load_weights(rundir.supervised_checkpoint(self.run_dir, r)) for r in rounds] or [
+            select(self.weights, exclude_prefix=AE)]
+        self.weights = {k: v for k, v in self.weights.items() if not CANDIDATE.match(k)}
+        for i, weights in enumerate(seg):
+            self.weights.update({candidate_prefix(i) + name: value for name, value in weights.items()})
+        log(INFO, "candidates: supervised rounds %s (best first)", rounds or ["initial"])
+
+    def _candidates(self) -> Weights:
+        return {k: v for k, v in self.weights.items() if CANDIDATE.match(k)}
+
+    def _num_candidates(self) -> int:
+        return len({CANDIDATE.match(k).group(0) for k in self._candidates()})
+
+    def _record(self, phase: str, round_: int, outcome: Outcome, extra: Mapping[str, Any]) -> None:
+        self.phase_round = round_ if phase == self.phase else self.phase_round
+        self.log_rows.append({
+            "phase": phase, "round": round_, "server_round": self.server_round, "seconds": round(outcome.seconds, 3),
+            "sites": {a.site: {"metrics": a.metrics, "val_metrics": a.val_metrics, "reply_bytes": a.reply_bytes}
+                      for a in outcome.answers},
+            "missing": outcome.missing, "failed": outcome.failed, "ae_sent_to": outcome.ae_sent_to,
+            "sent_bytes_per_site": outcome.sent_bytes, "model_bytes": outcome.model_bytes, **extra})
+        self._save()
+
+    def _next_phase(self) -> None:
+        self.phase = PHASES[PHASES.index(self.phase) + 1]
+        self.phase_round = 0
+        self._save()
+
+    def _save(self) -> None:
+        rundir.save_weights(rundir.checkpoint_path(self.run_dir, "global"), self.weights)
+        rundir.write_json(self.run_dir / rundir.LOG, self.log_rows)
+        rundir.write_json(self.run_dir / rundir.STATE, {
+            "phase": self.phase, "phase_round": self.phase_round, "server_round": self.server_round,
+            "best": self.best.to_json(), "candidates": self.best.best()})
+
+    def _summary(self, seconds: float) -> dict[str, Any]:
+        per_phase: dict[str, dict[str, float]] = {}
+        for row in self.log_rows:
+            if "error" in row:
+                continue
+            entry = per_phase.setdefault(row["phase"], {"rounds": 0, "seconds": 0.0})
+            entry["rounds"] += 1
+            entry["seconds"] = round(entry["seconds"] + row["seconds"], 3)
+        return {"status": "completed", "seconds": round(seconds, 3), "exchanges": self.server_round,
+                "failed_rounds": sum("error" in row for row in self.log_rows),
+                "phases": per_phase, "m_best": self.best.best(), "val_scores": self.best.to_json()["scores"]}
+
+
+def run_federation(grid: Grid, settings: FederationSettings, run_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run the whole protocol over ``grid``; see :class:`Protocol`."""
+    return Protocol(grid, settings, run_dir, resume).run()

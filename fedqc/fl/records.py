@@ -1,0 +1,183 @@
+"""Flat name -> array weights, metrics and config <-> Flower records, and the message layout.
+
+Weights travel as one :class:`~flwr.app.ArrayRecord` per message, float32 by default. With
+``float16`` the floating arrays are cast on the wire; ``bfloat16`` (which numpy lacks) travels
+as the upper 16 bits of each float32, rounded to nearest even, in an Array whose ``dtype`` field
+reads ``bfloat16``. Either halves the bytes; receivers always get float32 back. Integer arrays
+(e.g. BatchNorm's ``num_batches_tracked``) travel unchanged.
+
+A message's :class:`~flwr.app.RecordDict` holds at most these records:
+
+server -> site: ``config`` (ConfigRecord), ``weights`` (ArrayRecord), ``qc-ae`` (ArrayRecord,
+the frozen autoencoder, sent once per site).
+site -> server: ``weights``, ``metrics`` and ``val-metrics`` (MetricRecords whose keys are
+:class:`~fedqc.exchange.MetricKey` values) and ``control`` (ConfigRecord with only
+:data:`CONTROL_KEYS`: the site's name, and whether it needs the autoencoder again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedqc.exchange import ALLOWED_METRIC_KEYS, Scalar, Weights
+
+CONFIG = "config"
+WEIGHTS = "weights"
+QC_AE = "qc-ae"
+METRICS = "metrics"
+VAL_METRICS = "val-metrics"
+CONTROL = "control"
+REPLY_RECORDS = frozenset({WEIGHTS, METRICS, VAL_METRICS, CONTROL})
+
+SITE_ID = "site-id"
+NEEDS_AE = "needs-ae"
+CONTROL_KEYS = frozenset({SITE_ID, NEEDS_AE})
+
+TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
+_BF16 = "bfloat16"
+
+
+def _to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    bits = np.require(values, dtype=np.float32, requirements="C").view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
+
+
+def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def weights_to_record(weights: Mapping[str, np.ndarray], transfer_dtype: str = "float32") -> ArrayRecord:
+    """Pack flat weights into an ArrayRecord, casting floating arrays to ``transfer_dtype``.
+
+    Args:
+        weights: name -> array (any numeric dtype; floating arrays are sent as float32 or less).
+        transfer_dtype: ``float32``, ``float16`` or ``bfloat16``.
+
+    Raises:
+        ValueError: an unknown transfer dtype.
+    """
+    if transfer_dtype not in TRANSFER_DTYPES:
+        raise ValueError(f"transfer dtype must be one of {TRANSFER_DTYPES}, got {transfer_dtype!r}")
+    record = ArrayRecord()
+    for name, value in weights.items():
+        value = np.asarray(value)  # np.ascontiguousarray would turn 0-d arrays into 1-d
+        if not np.issubdtype(value.dtype, np.floating):
+            record[name] = Array(np.require(value, requirements="C"))
+        elif transfer_dtype == _BF16:
+            packed = Array(_to_bf16_bits(value))
+            record[name] = Array(dtype=_BF16, shape=packed.shape, stype=packed.stype, data=packed.data)
+        else:
+            record[name] = Array(np.require(value, dtype=transfer_dtype, requirements="C"))
+    return record
+
+
+def record_to_weights(record: ArrayRecord) -> Weights:
+    """Unpack an ArrayRecord to flat weights; floating (and bfloat16) arrays come back float32."""
+    weights: Weights = {}
+    for name, array in record.items():
+        value = array.numpy()
+        if array.dtype == _BF16:
+            value = _from_bf16_bits(value)
+        elif np.issubdtype(value.dtype, np.floating):
+            value = value.astype(np.float32, copy=False)
+        weights[name] = value
+    return weights
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Bytes of array data in a record as serialised (npy headers included, names excluded)."""
+    return sum(len(array.data) for array in record.values())
+
+
+def weights_nbytes(weights: Mapping[str, np.ndarray]) -> int:
+    """Bytes of the raw arrays (the model size to compare the wire size with)."""
+    return int(sum(np.asarray(v).nbytes for v in weights.values()))
+
+
+def metrics_to_record(metrics: Mapping[str, Scalar]) -> MetricRecord:
+    """Pack allowed scalar metrics (bools become 0/1).
+
+    Raises:
+        ValueError: a key outside :data:`~fedqc.exchange.ALLOWED_METRIC_KEYS`.
+        TypeError: a value that is not a number.
+    """
+    record = MetricRecord()
+    for key, value in metrics.items():
+        if key not in ALLOWED_METRIC_KEYS:
+            raise ValueError(f"metric {key!r} is not allowed to leave a site")
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"metric {key!r} must be a number to travel, got {type(value).__name__}")
+        record[key] = value
+    return record
+
+
+def record_to_metrics(record: MetricRecord) -> dict[str, float | int]:
+    """Unpack a MetricRecord to a plain dict."""
+    return {key: value for key, value in record.items() if isinstance(value, (int, float))}
+
+
+def config_to_record(config: Mapping[str, Scalar]) -> ConfigRecord:
+    """Pack flat scalar config.
+
+    Raises:
+        TypeError: a value that is not a bool, int, float or str.
+    """
+    for key, value in config.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise TypeError(f"config {key!r} must be a flat scalar, got {type(value).__name__}")
+    return ConfigRecord(dict(config))
+
+
+def record_to_config(record: ConfigRecord) -> dict[str, Scalar]:
+    """Unpack a ConfigRecord to a plain dict of scalars."""
+    return {key: value for key, value in record.items() if isinstance(value, (bool, int, float, str))}
+
+
+def task_content(config: Mapping[str, Scalar], weights: Mapping[str, np.ndarray] | None = None,
+                 ae: Mapping[str, np.ndarray] | None = None, transfer_dtype: str = "float32") -> RecordDict:
+    """The RecordDict the server sends a site for one task."""
+    content = RecordDict({CONFIG: config_to_record(config)})
+    if weights is not None:
+        content[WEIGHTS] = weights_to_record(weights, transfer_dtype)
+    if ae is not None:
+        content[QC_AE] = weights_to_record(ae, transfer_dtype)
+    return content
+
+
+def reply_content(site_id: str, metrics: Mapping[str, Scalar], weights: Mapping[str, np.ndarray] | None = None,
+                  val_metrics: Mapping[str, Scalar] | None = None, needs_ae: bool = False,
+                  transfer_dtype: str = "float32") -> RecordDict:
+    """The RecordDict a site sends back: only weights, allowed metrics and the control record."""
+    content = RecordDict({METRICS: metrics_to_record(metrics)})
+    if weights is not None:
+        content[WEIGHTS] = weights_to_record(weights, transfer_dtype)
+    if val_metrics:
+        content[VAL_METRICS] = metrics_to_record(val_metrics)
+    control: dict[str, Scalar] = {SITE_ID: site_id}
+    if needs_ae:
+        control[NEEDS_AE] = True
+    content[CONTROL] = config_to_record(control)
+    return content
+
+
+def describe_content(content: RecordDict) -> dict[str, dict]:
+    """Keys, types and shapes of every record in a message (what the privacy audit stores).
+
+    Array records list dtype and shape per name; metric and config records list each value with
+    its type, so that an audit can check both keys and values.
+    """
+    described: dict[str, dict] = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            items = {k: {"dtype": a.dtype, "shape": list(a.shape), "nbytes": len(a.data)} for k, a in record.items()}
+        else:
+            items = {k: {"type": type(v).__name__, "value": v if isinstance(v, (bool, int, float, str)) else None}
+                     for k, v in record.items()}
+        described[name] = {"type": type(record).__name__, "items": items}
+    return described

@@ -1,0 +1,94 @@
+"""Flat weights, metrics and config <-> Flower records; wire sizes of float32 / float16 / bfloat16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedqc.exchange import MetricKey
+from fedqc.fl import records
+
+
+def _model_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 64, 3), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 128, 3), torch.nn.Linear(128, 4096))
+    return {f"seg/SA/{k}": v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def test_float32_roundtrip_is_exact_and_keeps_integer_buffers():
+    weights = _model_weights()
+    back = records.record_to_weights(records.weights_to_record(weights))
+    assert list(back) == list(weights)
+    for name, value in weights.items():
+        assert back[name].dtype == value.dtype
+        np.testing.assert_array_equal(back[name], value)
+    assert back["seg/SA/1.num_batches_tracked"].dtype == np.int64
+    assert back["seg/SA/1.num_batches_tracked"].shape == ()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_transfer_returns_float32_close_to_the_original(dtype):
+    weights = _model_weights()
+    back = records.record_to_weights(records.weights_to_record(weights, dtype))
+    for name, value in weights.items():
+        if np.issubdtype(value.dtype, np.floating):
+            assert back[name].dtype == np.float32
+            np.testing.assert_allclose(back[name], value, rtol=1e-2 if dtype == "bfloat16" else 1e-3, atol=1e-3)
+        else:
+            np.testing.assert_array_equal(back[name], value)
+        assert back[name].shape == value.shape
+
+
+def test_bfloat16_matches_torch_rounding_and_keeps_special_values():
+    values = np.array([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 3.14159, -2.5e-3, 1e30, np.inf, -np.inf, np.nan],
+                      dtype=np.float32)
+    back = records.record_to_weights(records.weights_to_record({"w": values}, "bfloat16"))["w"]
+    expected = torch.tensor(values).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(back[:-1], expected[:-1])
+    assert np.isnan(back[-1])
+
+
+def test_half_precision_halves_the_bytes_on_the_wire():
+    weights = _model_weights()
+    model_bytes = records.weights_nbytes(weights)
+    sizes = {d: records.record_nbytes(records.weights_to_record(weights, d)) for d in records.TRANSFER_DTYPES}
+    assert model_bytes > 2_000_000
+    assert model_bytes <= sizes["float32"] < 1.01 * model_bytes  # npy headers only
+    for dtype in ("float16", "bfloat16"):
+        assert sizes[dtype] < 0.51 * sizes["float32"]
+    print(f"\nmodel {model_bytes} B; ArrayRecord float32 {sizes['float32']} B, float16 {sizes['float16']} B, "
+          f"bfloat16 {sizes['bfloat16']} B")
+
+
+def test_unknown_transfer_dtype_is_refused():
+    with pytest.raises(ValueError, match="transfer dtype"):
+        records.weights_to_record({"w": np.zeros(2, np.float32)}, "int8")
+
+
+def test_metrics_only_allowed_keys_and_numbers():
+    record = records.metrics_to_record({MetricKey.NUM_EXAMPLES: 3, MetricKey.VAL_DICE: 0.5, MetricKey.ALPHA: True})
+    assert records.record_to_metrics(record) == {"num-examples": 3, "val-dice": 0.5, "alpha": 1}
+    with pytest.raises(ValueError, match="not allowed"):
+        records.metrics_to_record({"case-0001-dice": 0.7})
+    with pytest.raises(TypeError, match="number"):
+        records.metrics_to_record({MetricKey.TRAIN_LOSS: "low"})
+
+
+def test_config_roundtrip_and_flatness():
+    config = {"task": "refine", "alpha": 0.5, "phase-round": 2, "evaluate-first": False}
+    assert records.record_to_config(records.config_to_record(config)) == config
+    with pytest.raises(TypeError, match="flat scalar"):
+        records.config_to_record({"nested": {"a": 1}})
+
+
+def test_reply_content_holds_only_the_allowed_records():
+    content = records.reply_content("A", {MetricKey.NUM_EXAMPLES: 2}, {"seg/w": np.ones(3, np.float32)},
+                                    {MetricKey.VAL_DICE: 0.9}, needs_ae=True, transfer_dtype="float16")
+    assert set(content) <= records.REPLY_RECORDS
+    described = records.describe_content(content)
+    assert described["weights"]["items"]["seg/w"] == {"dtype": "float16", "shape": [3], "nbytes": 134}
+    assert described["control"]["items"][records.SITE_ID]["value"] == "A"
+    assert set(described["control"]["items"]) == records.CONTROL_KEYS
+    assert described["val-metrics"]["items"]["val-dice"] == {"type": "float", "value": 0.9}

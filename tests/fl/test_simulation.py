@@ -1,0 +1,95 @@
+"""The whole protocol on Flower's simulation engine with the toy site algorithm (real Ray, loopback)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedqc.fl import rundir
+from fedqc.fl.rounds import FederationError
+from fedqc.fl.simulation import SimulationConfig, run_simulation
+
+from .conftest import toy_settings
+
+pytestmark = pytest.mark.slow
+
+
+def _log(run_dir):
+    return json.loads((run_dir / rundir.LOG).read_text())
+
+
+def test_every_phase_runs_and_the_run_directory_is_complete(fedprox_run):
+    summary = json.loads((fedprox_run / rundir.SUMMARY).read_text())
+    phases = [(row["phase"], row["round"]) for row in _log(fedprox_run)]
+    assert phases == [("init", 0), ("supervised", 1), ("supervised", 2), ("supervised-evaluate", 2),
+                      ("qc-autoencoder", 1), ("refine", 1), ("refine", 2), ("predict", 1)]
+    assert summary["status"] == "completed" and summary["exchanges"] == 8
+    assert len(summary["m_best"]) == 2 and all(v is not None for v in summary["val_scores"].values())
+    assert json.loads((fedprox_run / rundir.STATE).read_text())["phase"] == "done"
+    for site in "ABC":
+        assert (fedprox_run / "sites" / site / "predictions.npz").is_file()
+    kept = sorted(p.name for p in (fedprox_run / rundir.CHECKPOINTS).glob("supervised-*.npz"))
+    assert kept == [f"supervised-{r:03d}.npz" for r in sorted(summary["m_best"])]
+    coordinator_files = [p for p in fedprox_run.rglob("*") if p.is_file() and "sites" not in p.parts]
+    assert coordinator_files and all(p.stat().st_mode & 0o077 == 0 for p in coordinator_files)
+    print(f"\nsimulation (3 sites, 8 exchanges): {summary['seconds']} s; per phase {summary['phases']}")
+
+
+def test_unlabelled_site_trains_nothing_and_labelled_sites_are_averaged(fedprox_run):
+    rows = {(r["phase"], r["round"]): r for r in _log(fedprox_run)}
+    assert sorted(rows[("supervised", 1)]["aggregated_from"]) == ["A", "B"]
+    assert rows[("supervised", 1)]["sites"]["C"]["metrics"]["num-examples"] == 0
+    assert rows[("supervised", 2)]["val_score_of_round"] == 1
+
+
+def test_refinement_changed_the_global_model_with_alpha_per_round(fedprox_run):
+    rows = [r for r in _log(fedprox_run) if r["phase"] == "refine"]
+    assert [r["alpha"] for r in rows] == [1.0, 0.5]
+    assert all(r["num_flagged"]["A"] == 24 and r["aggregated_from"] for r in rows)
+    best = json.loads((fedprox_run / rundir.SUMMARY).read_text())["m_best"]
+    final = rundir.load_weights(rundir.checkpoint_path(fedprox_run, "global"))
+    for i, round_ in enumerate(best):
+        before = rundir.load_weights(rundir.supervised_checkpoint(fedprox_run, round_))
+        assert not np.allclose(final[f"m{i}/seg/SA/conv.weight"], before["seg/SA/conv.weight"])
+
+
+def test_fedbn_keeps_normalisation_layers_out_of_the_global_model(audited_run):
+    final = rundir.load_weights(rundir.checkpoint_path(audited_run, "global"))
+    np.testing.assert_array_equal(final["m0/seg/SA/bn.weight"], np.ones(4, np.float32))
+    np.testing.assert_array_equal(final["m0/seg/SA/bn.running_mean"], np.zeros(4, np.float32))
+    before = rundir.load_weights(rundir.checkpoint_path(audited_run, "supervised-001"))
+    assert not np.allclose(final["m1/seg/SA/conv.weight"], np.zeros_like(before["seg/SA/conv.weight"]))
+
+
+def test_autoencoder_sent_once_per_site_on_request_and_refinement_stops_without_flags(audited_run):
+    rows = _log(audited_run)
+    refine = [r for r in rows if r["phase"] == "refine"]
+    assert len(refine) == 1 and not any(refine[0]["num_flagged"].values())
+    assert sorted(refine[0]["ae_sent_to"]) == ["A", "B", "C", "L"]
+    assert [r["ae_sent_to"] for r in rows if r["phase"] == "predict"] == [[]]
+
+
+def test_a_site_that_fails_is_named_and_the_others_go_on(audited_run):
+    rows = [r for r in _log(audited_run) if r["phase"] == "supervised"]
+    assert all("L" in r["failed"] and "ValueError" in r["failed"]["L"] for r in rows)
+    assert all("L" not in r["aggregated_from"] for r in rows)
+
+
+def test_resume_after_a_failed_round_continues_where_it_stopped(failed_then_resumed_run):
+    run_dir, failure = failed_then_resumed_run
+    assert "predict: only 1 of the required 2 sites answered" in failure and "'B'" in failure
+    rows = _log(run_dir)
+    phases = [r["phase"] for r in rows]
+    assert phases.count("init") == 1 and phases.count("supervised") == 1 and phases.count("refine") == 1
+    assert phases[-2:] == ["predict", "predict"] and "error" in rows[-2]
+    assert json.loads((run_dir / rundir.SUMMARY).read_text())["status"] == "completed"
+    assert rows[-1]["server_round"] == rows[-3]["server_round"] + 2  # the failed exchange counts
+
+
+def test_too_few_sites_fail_fast_with_a_clear_message(tmp_path):
+    sites = [{"site-id": "A", "seed": 1}, {"site-id": "B", "seed": 2}]
+    settings = toy_settings(min_sites=3, node_wait_s=3)
+    with pytest.raises(FederationError, match=r"only 2 of the 3 required sites connected within 3 s"):
+        run_simulation(SimulationConfig(sites=sites, federation=settings), tmp_path)
