@@ -6,26 +6,30 @@ The "prediction" is a smoothly deformed ground truth (a tenth of them with a spu
 failing segmenter would make) and the "reconstruction" a milder deformation of the prediction.
 
     python benchmarks/bench_qc_metrics.py --out results.json
+    python benchmarks/bench_qc_metrics.py --torch-device cuda --torch-only --out gpu.json
 
-Prints a markdown table of slices/s (MONAI ``compute_hausdorff_distance`` on one-hot tensors, one
-case per call, vs ``fedqc.qc.metrics`` with 1 and 2 threads) and the largest absolute difference
-between the two Hausdorff values over all non-empty structures. Makes no assertions.
+Prints markdown tables of slices/s: MONAI ``compute_hausdorff_distance`` (one-hot tensors, one case
+per call, torch on 1 thread) vs ``fedqc.qc.metrics`` with 1 and 2 threads, with the largest absolute
+difference between the two Hausdorff values over all non-empty structures; with ``--torch-device``,
+``fedqc.qc.metrics_torch`` on large batches (the unique cases tiled), checked against the CPU path.
+Makes no assertions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 import warnings
 
 import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage
 
 from fedqc.qc.metrics import dice_hausdorff_mm_batch
+from fedqc.qc.metrics_torch import dice_hausdorff_mm_torch
 
 SA_SPACING_MM = (10.0, 1.25, 1.25)
 LA_SPACING_MM = (1.0, 1.25, 1.25)  # z unused: a single slice is scored in 2D
@@ -78,6 +82,8 @@ def make_cases(rng: np.random.Generator, n_sa: int, n_la: int) -> list[tuple]:
 
 def monai_hausdorff_mm(cases: list[tuple], classes: list[int], percentile: float | None) -> np.ndarray:
     """MONAI's symmetric Hausdorff per (case, class): one-hot tensors, one case per call."""
+    from monai.metrics import compute_hausdorff_distance
+
     out = []
     for pred, recon, spacing in cases:
         if pred.shape[0] == 1:  # score single slices in 2D, as fedqc does
@@ -101,27 +107,21 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return best, result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-sa", type=int, default=40, help="short-axis stacks (10 slices each)")
-    parser.add_argument("--n-la", type=int, default=100, help="long-axis single slices")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*is all 0.*")
-    torch.set_num_threads(1)
-    all_cases = make_cases(np.random.default_rng(args.seed), args.n_sa, args.n_la)
+CLASS_SETS = (("rv", [3]), ("foreground", [1, 2, 3]))
+
+
+def cpu_rows(cases_by_view: dict, repeats: int) -> list[dict]:
+    """MONAI vs the CPU path (1 and 2 threads), per view, class set and percentile."""
     rows = []
-    for view, cases in (("SA", all_cases[: args.n_sa]), ("LA", all_cases[args.n_sa :])):
+    for view, cases in cases_by_view.items():
         n_slices = sum(c[0].shape[0] for c in cases)
-        for class_set, classes in (("rv", [3]), ("foreground", [1, 2, 3])):
+        for class_set, classes in CLASS_SETS:
             for percentile in (None, 95.0):
-                t_monai, hd_monai = timed(lambda: monai_hausdorff_mm(cases, classes, percentile), 1)
+                t_monai, hd_monai = timed(lambda: monai_hausdorff_mm(cases, classes, percentile), repeats)
                 times = {}
                 for n_threads in (1, 2):
                     times[n_threads], (_, hd_ours) = timed(
-                        lambda: dice_hausdorff_mm_batch(cases, classes, percentile, n_threads), args.repeats
+                        lambda: dice_hausdorff_mm_batch(cases, classes, percentile, n_threads), repeats
                     )
                 both = np.isfinite(hd_monai)
                 rows.append({
@@ -135,7 +135,8 @@ def main() -> None:
                     "max_abs_diff_mm": float(np.abs(hd_monai[both] - hd_ours[both]).max()),
                     "empty_structures": int((~both).sum()),
                 })
-    print("| view | classes | HD | MONAI slices/s | ours 1 thr | ours 2 thr | x (1 thr) | x (2 thr) | max abs diff mm |")
+    print("| view | classes | HD | MONAI slices/s | ours 1 thr | ours 2 thr | x (1 thr) | x (2 thr) "
+          "| max abs diff mm |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         hd = "max" if r["percentile"] is None else f"p{r['percentile']:g}"
@@ -144,11 +145,83 @@ def main() -> None:
             f"{r['ours_1thread_slices_per_s']:.0f} | {r['ours_2threads_slices_per_s']:.0f} | "
             f"{r['speedup_1thread']:.1f} | {r['speedup_2threads']:.1f} | {r['max_abs_diff_mm']:.1e} |"
         )
+    return rows
+
+
+def torch_rows(cases_by_view: dict, device: str, batch_slices: int, repeats: int, methods: list[str]) -> list[dict]:
+    """The torch path on ``device``: the unique cases tiled to about ``batch_slices`` slices."""
+    rows = []
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for view, cases in cases_by_view.items():
+        pred = torch.from_numpy(np.stack([c[0] for c in cases])).to(device)
+        recon = torch.from_numpy(np.stack([c[1] for c in cases])).to(device)
+        spacing = torch.tensor(np.array([c[2] for c in cases]), device=device)
+        tiles = max(1, batch_slices // (pred.shape[0] * pred.shape[1]))
+        big = [t.repeat(tiles, *[1] * (t.ndim - 1)) for t in (pred, recon, spacing)]
+        n_slices = big[0].shape[0] * big[0].shape[1]
+        for class_set, classes in CLASS_SETS:
+            for percentile in (None, 95.0):
+                _, hd_cpu = dice_hausdorff_mm_batch(cases, classes, percentile)
+                for method in methods:
+
+                    def run(tensors=big, method=method, classes=classes, percentile=percentile):
+                        return dice_hausdorff_mm_torch(
+                            *tensors, classes, percentile, method=method, max_chunk_elements=1 << 30
+                        )
+
+                    hd_small = run((pred, recon, spacing))[1].cpu().numpy()
+                    run()
+                    sync()
+
+                    def once(run=run):
+                        out = run()
+                        sync()
+                        return out
+
+                    seconds, _ = timed(once, repeats)
+                    rows.append({
+                        "view": view, "classes": class_set, "percentile": percentile, "method": method,
+                        "device": device, "slices": n_slices, "seconds": seconds,
+                        "slices_per_s": n_slices / seconds,
+                        "max_abs_diff_vs_cpu_mm": float(np.abs(hd_small - hd_cpu).max()),
+                    })
+                    r = rows[-1]
+                    print(f"| {view} | {class_set} | {'max' if percentile is None else 'p95'} | {method} | "
+                          f"{n_slices} | {r['slices_per_s']:.0f} | {r['max_abs_diff_vs_cpu_mm']:.1e} |", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-sa", type=int, default=40, help="short-axis stacks (10 slices each)")
+    parser.add_argument("--n-la", type=int, default=100, help="long-axis single slices")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-device", default=None, help="also time metrics_torch here, e.g. cuda")
+    parser.add_argument("--torch-only", action="store_true", help="skip MONAI and the CPU path")
+    parser.add_argument("--torch-batch-slices", type=int, default=20000)
+    parser.add_argument("--torch-methods", default="window,cdist")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message=".*is all 0.*")
+    torch.set_num_threads(1)
+    all_cases = make_cases(np.random.default_rng(args.seed), args.n_sa, args.n_la)
+    cases_by_view = {"SA": all_cases[: args.n_sa], "LA": all_cases[args.n_sa :]}
+    results = {}
+    if not args.torch_only:
+        results["cpu"] = cpu_rows(cases_by_view, args.repeats)
+    if args.torch_device:
+        print("\n| view | classes | HD | torch method | slices | slices/s | max abs diff vs CPU mm |")
+        print("|---|---|---|---|---:|---:|---:|")
+        results["torch"] = torch_rows(
+            cases_by_view, args.torch_device, args.torch_batch_slices, args.repeats, args.torch_methods.split(",")
+        )
     if args.out:
-        meta = {"machine": platform.platform(), "cpus": len(__import__("os").sched_getaffinity(0)),
-                "numpy": np.__version__, "torch": torch.__version__}
+        meta = {"machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
+                "numpy": np.__version__, "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "args": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "args": vars(args), **results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def test_empty_structures_follow_the_documented_conventions():
     empty = np.zeros(shape, np.uint8)
     cap = empty_structure_cap_mm(shape, SA_SPACING_MM)
     assert cap == pytest.approx(np.sqrt(100.0**2 + 80.0**2 + 60.0**2))
-    dice_k, hd_k = dice_hausdorff_mm_batch([(empty, empty, SA_SPACING_MM), (full, empty, SA_SPACING_MM)], [3, 1])
+    cases = [(empty, empty, SA_SPACING_MM), (full, empty, SA_SPACING_MM)]
+    dice_k, hd_k = dice_hausdorff_mm_batch(cases, [3, 1])
     np.testing.assert_array_equal(dice_k, [[1.0, 1.0], [0.0, 1.0]])
     np.testing.assert_allclose(hd_k, [[0.0, 0.0], [cap, 0.0]])
     assert pseudo_scores(empty, full, SA_SPACING_MM, [3]) == (0.0, pytest.approx(cap))
@@ -163,7 +164,8 @@ def test_pseudo_scores_average_the_chosen_classes():
 
 def test_batch_is_independent_of_threads_and_order():
     rng = np.random.default_rng(6)
-    cases = [(heart(rng, s), heart(rng, s), (6.0, 1.1, 1.2)) for s in [(4, 30, 36), (40, 44), (7, 32, 32)] * 3]
+    shapes = [(4, 30, 36), (40, 44), (7, 32, 32)] * 3
+    cases = [(heart(rng, s), heart(rng, s), (6.0, 1.1, 1.2)) for s in shapes]
     one = pseudo_scores_batch(cases, [1, 2, 3], n_threads=1)
     two = pseudo_scores_batch(cases, [1, 2, 3], n_threads=2)
     singles = np.array([pseudo_scores(*case, [1, 2, 3]) for case in cases]).T
@@ -181,30 +183,36 @@ def test_rejects_bad_inputs():
         hausdorff_mm(a, a, SA_SPACING_MM, [3], percentile=0)
 
 
+@pytest.mark.parametrize("method", ["window", "cdist"])
 @pytest.mark.parametrize("percentile", [None, 95.0])
-def test_torch_path_equals_cpu_path(percentile):
+def test_torch_path_equals_cpu_path(percentile, method):
     rng = np.random.default_rng(7)
     stacks = [heart(rng, (6, 36, 40)) for _ in range(4)]
     stacks[3] = np.zeros_like(stacks[3])  # empty prediction: cap
+    stacks[0][1, 30:33, 2:5] = 3  # a spurious blob far from the heart
     recons = [heart(rng, (6, 36, 40)) for _ in range(4)]
     spacing = np.array([[10.0, 1.25, 1.25], [8.0, 1.4, 1.3], [10.0, 0.9, 0.9], [6.0, 1.0, 1.0]])
     cases = list(zip(stacks, recons, spacing))
     expected = dice_hausdorff_mm_batch(cases, [1, 2, 3], percentile)
     got = dice_hausdorff_mm_torch(
         torch.from_numpy(np.stack(stacks)), torch.from_numpy(np.stack(recons)), torch.from_numpy(spacing),
-        [1, 2, 3], percentile, max_chunk_elements=1 << 21,
+        [1, 2, 3], percentile, method=method, max_chunk_elements=1 << 21,
     )
     for want, have in zip(expected, got):
         np.testing.assert_allclose(have.numpy(), want, rtol=0, atol=1e-4)
 
 
-def test_torch_path_single_slices_and_empties():
+@pytest.mark.parametrize("method", ["window", "cdist"])
+def test_torch_path_single_slices_and_empties(method):
     rng = np.random.default_rng(8)
     pred = np.stack([heart(rng, (40, 44)) for _ in range(3)] + [np.zeros((40, 44), np.uint8)])
     recon = np.stack([heart(rng, (40, 44)) for _ in range(3)] + [np.zeros((40, 44), np.uint8)])
     spacing = (10.0, 1.5, 1.2)
     expected = pseudo_scores_batch(list(zip(pred, recon, [spacing] * 4)), [1, 2, 3], 95.0)
-    got = pseudo_scores_torch(torch.from_numpy(pred[:, None]), torch.from_numpy(recon[:, None]), spacing, [1, 2, 3], 95.0)
+    got = pseudo_scores_torch(
+        torch.from_numpy(pred[:, None]), torch.from_numpy(recon[:, None]), spacing, [1, 2, 3], 95.0,
+        method=method,
+    )
     for want, have in zip(expected, got):
         np.testing.assert_allclose(have.numpy(), want, rtol=0, atol=1e-4)
     assert got[0][3] == 1.0 and got[1][3] == 0.0

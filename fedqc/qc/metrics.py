@@ -1,32 +1,23 @@
 """Dice and Hausdorff distance (mm) between two label maps of one case, on the CPU.
 
-A *case* is one subject / view / phase: its 2D slices stacked as a ``(Z, H, W)`` volume in the
-network grid (or a single ``(H, W)`` slice). Values match ``monai.metrics.compute_hausdorff_distance``
-(one-hot inputs, ``spacing=``, ``distance_metric="euclidean"``, ``directed=False``) on non-empty
-structures:
+A *case* is one subject / view / phase: its slices stacked as a ``(Z, H, W)`` label map in the
+network grid, or one ``(H, W)`` slice. Hausdorff values equal MONAI's
+``compute_hausdorff_distance`` (one-hot inputs, ``spacing=``, euclidean, ``directed=False``) on
+non-empty structures: MONAI's edges (voxels with a face neighbour outside the structure or the
+grid), exact distances in mm with the anisotropic spacing from each edge voxel to the nearest edge
+voxel of the other structure, and the larger of the two directed maxima (or ``percentile``-th
+percentiles, linear interpolation as ``torch.quantile``).
 
-* edges are MONAI's: voxels of the structure with a face neighbour (6-connectivity in 3D, 4 in 2D)
-  outside it or outside the image, so the first and last slice of a stack are caps;
-* the directed distance from edge set A to edge set B is the exact Euclidean distance, in mm with the
-  anisotropic spacing, from each A edge voxel to the nearest B edge voxel; the symmetric Hausdorff
-  distance is the larger of the two directed values (their maxima, or their ``percentile``-th
-  percentiles with linear interpolation, as ``torch.quantile``).
+Deliberate differences from MONAI (docs/QC.md): both structures empty gives Dice 1 and Hausdorff 0
+(MONAI: nan); exactly one empty gives Dice 0 and Hausdorff :func:`empty_structure_cap_mm`, the
+image diagonal (MONAI: inf), so means and quartiles stay finite; a ``(1, H, W)`` stack is scored in
+2D on its slice.
 
-Deliberate differences from MONAI, for empty structures and single slices:
-
-* both structures empty: Dice 1, Hausdorff 0 (MONAI: nan);
-* exactly one empty: Dice 0, Hausdorff = :func:`empty_structure_cap_mm`, the diagonal of the image
-  in mm, larger than any distance two non-empty structures can have in that grid (MONAI: inf), so
-  means and Tukey quartiles stay finite;
-* a stack with one slice (``Z == 1``) is scored in 2D on its ``(H, W)`` slice with spacing ``(h, w)``;
-  MONAI on the ``(1, H, W)`` volume would call every voxel an edge.
-
-Speed: instead of a distance transform or a KD-tree, each structure pair is cropped to the bounding
-box of its union; distances along the last axis come from two running-extremum scans, and the other
-axes are searched in windows that double until every query is certified exact (a candidate row
-outside the window is provably farther). Edge voxels common to both sets have distance 0 and are
-never searched; with ``percentile=None`` queries that cannot raise the running maximum are dropped.
-All classes and cases of a batch share one vectorised search.
+Speed: no distance transform and no KD-tree. Structure pairs are cropped to the bounding box of
+their union and padded together into one array; distances along W come from two sweeps, and rows
+(z + dz, h + dh) are searched in growing windows until each value is certified exact. Edge voxels
+shared by both structures are at distance 0 and never searched; for the maximum, voxels that cannot
+raise it are dropped early.
 """
 
 from __future__ import annotations
@@ -38,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 Case = tuple[np.ndarray, np.ndarray, Sequence[float]]
-_FAR = 1 << 20  # "no edge in this row" marker (voxels), larger than any grid axis
 
 
 def empty_structure_cap_mm(shape: Sequence[int], spacing_mm: Sequence[float]) -> float:
@@ -182,6 +172,8 @@ def _as_grid(a: np.ndarray, b: np.ndarray, spacing_mm: Sequence[float]) -> tuple
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"label maps differ in shape: {a.shape} vs {b.shape}")
+    if a.dtype.kind not in "biu" or b.dtype.kind not in "biu":
+        raise ValueError(f"label maps must hold integers, got {a.dtype} and {b.dtype}")
     spacing = np.asarray(spacing_mm, dtype=np.float64).ravel()
     if a.ndim == 3 and a.shape[0] == 1:  # a single slice is scored in 2D
         a, b = a[0], b[0]
@@ -200,12 +192,12 @@ def _as_grid(a: np.ndarray, b: np.ndarray, spacing_mm: Sequence[float]) -> tuple
 
 def _union_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box of the non-background voxels of both maps, or None when both are empty."""
-    union = (a != 0) | (b != 0)
-    z = np.flatnonzero(union.reshape(union.shape[0], -1).any(axis=1))
+    union = np.bitwise_or(a, b)  # non-zero where either map is
+    z = np.flatnonzero(union.reshape(union.shape[0], -1).max(axis=1))
     if z.size == 0:
         return None
-    hw_any = union[z[0] : z[-1] + 1].any(axis=0)
-    h, w = np.flatnonzero(hw_any.any(axis=1)), np.flatnonzero(hw_any.any(axis=0))
+    hw_any = union[z[0] : z[-1] + 1].max(axis=0)
+    h, w = np.flatnonzero(hw_any.max(axis=1)), np.flatnonzero(hw_any.max(axis=0))
     return slice(z[0], z[-1] + 1), slice(h[0], h[-1] + 1), slice(w[0], w[-1] + 1)
 
 
@@ -305,16 +297,16 @@ def _edges(masks: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     core = [slice(None)] * masks.ndim
     for axis in axes:
         core[axis] = slice(1, -1)
-    if masks[tuple(core)].size == 0:
-        return masks.copy()  # every voxel lies on the array border
+    edges = masks.copy()
+    if edges[tuple(core)].size == 0:
+        return edges  # every voxel lies on the array border
     inner = masks[tuple(core)].copy()
     for axis in axes:
         for lo, hi in ((0, -2), (2, None)):
             neighbour = list(core)
             neighbour[axis] = slice(lo, hi)
             inner &= masks[tuple(neighbour)]
-    edges = masks.copy()
-    edges[tuple(core)] &= ~inner
+    edges[tuple(core)] ^= inner  # inner voxels are mask voxels: clear them
     return edges
 
 
