@@ -20,7 +20,7 @@ def _cmd_simulate_data(args: argparse.Namespace) -> int:
     from fedqc.data.simulator import simulate_dataset
 
     out = simulate_dataset(Path(args.out), preset=args.preset, subjects_per_centre=args.subjects_per_centre,
-                           seed=args.seed)
+                           seed=args.seed, shift_strength=args.shift_strength)
     print(f"simulated data written to {out}")
     return 0
 
@@ -47,6 +47,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fedqc.commands import evaluate_command
 
     return evaluate_command(Path(args.data), Path(args.pred), json_path=None if args.json is None else Path(args.json))
+
+
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from fedqc.experiment import ablation_command
+
+    return ablation_command(Path(args.config), Path(args.out), seeds=args.seeds, overrides=_overrides(args.set))
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -83,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects-per-centre", type=int, default=None, help="subjects per centre (preset default)")
     p.add_argument("--seed", type=int, default=0, help="random seed (output is deterministic per seed)")
     p.add_argument("--preset", default="consortium", help="consortium preset (see docs/SIMULATOR.md)")
+    p.add_argument("--shift-strength", type=float, default=None,
+                   help="scale of the shifted centres' scanner effects (0: like the reference scanner)")
     p.set_defaults(func=_cmd_simulate_data)
 
     set_help = "override a config value, e.g. --set train.epochs=2 (repeatable)"
@@ -112,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results as JSON")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("ablation", help="the paper's ablation (M, {M}+QC, full, references) over seeds")
+    p.add_argument("--config", required=True, help="YAML config (labelled + shifted unlabelled sites)")
+    p.add_argument("--out", required=True, help="output folder for JSON and the markdown report")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.set_defaults(func=_cmd_ablation)
+
     p = sub.add_parser("simulate", help="run the whole federation on this machine (Flower simulation engine)")
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
@@ -133,7 +148,15 @@ def _run(func: Callable[[], int]) -> int:
         return EXIT_INTERRUPTED
 
 
+def _line_buffered() -> None:
+    """Progress lines reach a log file or pipe as they are printed, not in 8 KB blocks."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _line_buffered()
     args = build_parser().parse_args(argv)
     return _run(lambda: args.func(args))
 
@@ -148,6 +171,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true", help="no TLS: loopback testing only")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     args = parser.parse_args(argv)
+    _line_buffered()
 
     def go() -> int:
         try:
@@ -171,6 +195,7 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="site YAML (see client/site.example.yaml)")
     parser.add_argument("--insecure", action="store_true", help="no TLS: loopback testing only")
     args = parser.parse_args(argv)
+    _line_buffered()
 
     def go() -> int:
         try:
