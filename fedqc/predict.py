@@ -45,6 +45,7 @@ def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.n
                   progress: Callable[[str], None] | None = print) -> list[dict]:
     """Predict ``cases`` of one view and write their files; returns the qc.csv rows."""
     spec = spec_from_config(config.preprocess)
+    out.mkdir(parents=True, exist_ok=True)
     prepared = [prepare_case(c, spec, with_labels=False) for c in cases]
     if thresholds is None:
         thresholds = choose_thresholds(config, run, cases[0].view, models, ae, prepared, device)

@@ -1,0 +1,158 @@
+"""``fedqc ablation``: the paper's ablation on a consortium, with seeds, references and calibration.
+
+For each training seed and view:
+1. supervised training on the labelled sites (M and its m_best candidates, QC autoencoder R);
+2. fences of both sources (labelled validation, each unlabelled site's own pool), and how well
+   each flags the test cases with true RV Dice < 0.8;
+3. inductive refinement on the unlabelled sites' adaptation pools, scored on held-out test
+   subjects; transductive refinement on the test cases themselves (the paper's setting);
+4. references: no adaptation (= M) and an upper bound trained with every site's labels.
+Results go to ``OUT/ablation.json`` and a markdown report ``OUT/ablation.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fedqc.ablation import BAD_DICE, calibration, score_case_variants, summarise_variants
+from fedqc.commands import ensure_data
+from fedqc.config import Config, load_config
+from fedqc.inference import score_cases
+from fedqc.method import fit_thresholds, models_from_states, refine, train_supervised
+from fedqc.qc.ood import flag_ood
+from fedqc.run_dir import new_autoencoder, write_json
+from fedqc.site_data import load_site_split
+from fedqc.train.device import select_device
+
+
+def _autoencoder(config, state, device):
+    ae = new_autoencoder(config)
+    ae.load_state_dict(state)
+    for p in ae.parameters():
+        p.requires_grad_(False)
+    return ae.to(device).eval()
+
+
+def _flag_quality(scores, th, true_dice: np.ndarray) -> dict:
+    """Precision / recall of a fence set at finding cases whose true RV Dice (under M) is below 0.8."""
+    flags = flag_ood(scores.pdc, scores.phd, th)
+    bad = true_dice < BAD_DICE
+    tp = int((flags & bad).sum())
+    return {"th_low_pdc": th.th_low_pdc, "th_up_phd": th.th_up_phd, "n": int(len(bad)), "n_bad": int(bad.sum()),
+            "n_flagged": int(flags.sum()), "true_positives": tp,
+            "precision": tp / int(flags.sum()) if flags.any() else None,
+            "recall": tp / int(bad.sum()) if bad.any() else None}
+
+
+def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, upper_bound: bool = True) -> dict:
+    """One seed of the ablation for every view; returns its records and summaries."""
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
+    device = select_device(config.train.device)
+    result: dict = {"seed": seed, "views": {}}
+    for view in config.views:
+        t0 = time.perf_counter()
+        splits = [load_site_split(site, view, config) for site in config.sites]
+        train = [c for s in splits for c in s.train]
+        val = [c for s in splits for c in s.val]
+        sup = train_supervised(config, train, val, device)
+        models = models_from_states(config, sup.candidate_states, device)
+        ae = _autoencoder(config, sup.autoencoder_state, device)
+        th_val = fit_thresholds(config, models, ae, val, "labelled-val", device)
+        pools = {s.site: s.pool for s in splits if s.pool}
+        th_own = {site: fit_thresholds(config, models, ae, pool, "unlabelled", device) for site, pool in pools.items()}
+        chosen = {site: (th_val if config.qc.threshold_source == "labelled-val" else th_own[site]) for site in pools}
+        refined, log = refine(config, models, ae, pools, chosen, train, device)
+        records, fence_eval = [], {}
+        for split in splits:
+            th = chosen.get(split.site, th_val)
+            for case in split.test:
+                records += score_case_variants(config, split.site, case, {
+                    "M": (models[:1], False), "{M}+QC": (models, True), "full": (refined, True)}, ae, th, device)
+            if split.site in th_own and split.test:
+                true_dice = np.array([r.rv_dice for r in records if r.site == split.site and r.variant == "M"])
+                scores = score_cases(models, ae, split.test, config.qc, device)
+                fence_eval[split.site] = {"labelled-val": _flag_quality(scores, th_val, true_dice),
+                                          "unlabelled": _flag_quality(scores, th_own[split.site], true_dice)}
+        entry = {"records": [dataclasses.asdict(r) for r in records], "summary": summarise_variants(records),
+                 "calibration": calibration(records, "M"), "fence_eval": fence_eval, "refine_log": log.__dict__}
+        if transductive:
+            tests = {s.site: s.test for s in splits if not config.site(s.site).labelled and s.test}
+            tchosen = {site: (th_val if config.qc.threshold_source == "labelled-val" else
+                              fit_thresholds(config, models, ae, cases, "unlabelled", device))
+                       for site, cases in tests.items()}
+            trefined, tlog = refine(config, models, ae, tests, tchosen, train, device)
+            trec = []
+            for site, cases in tests.items():
+                for case in cases:
+                    trec += score_case_variants(config, site, case, {"full": (trefined, True)}, ae, tchosen[site],
+                                                device)
+            entry["transductive"] = {"summary": summarise_variants(trec), "refine_log": tlog.__dict__}
+        if upper_bound:
+            all_labelled = dataclasses.replace(config, sites=tuple(dataclasses.replace(s, labelled=True)
+                                                                   for s in config.sites))
+            usplits = [load_site_split(site, view, all_labelled) for site in all_labelled.sites]
+            ub = train_supervised(all_labelled, [c for s in usplits for c in s.train],
+                                  [c for s in usplits for c in s.val], device)
+            umodels = models_from_states(config, ub.candidate_states[:1], device)
+            urec = []
+            for split in usplits:
+                for case in split.test:
+                    urec += score_case_variants(config, split.site, case, {"M": (umodels, False)}, ae, th_val, device)
+            entry["upper_bound"] = summarise_variants(urec)
+        entry["seconds"] = time.perf_counter() - t0
+        result["views"][view] = entry
+        write_json(out / f"seed{seed}_{view}.json", entry)
+    return result
+
+
+def aggregate(results: Sequence[dict], config: Config) -> str:
+    """Markdown report: per site and view, mean over seeds (± spread) of each variant's RV Dice/HD."""
+    lines = ["| view | site | labelled | M Dice | {M}+QC Dice | full Dice | transductive full | upper bound |"
+             " gap closed | M HD | {M}+QC HD | full HD |", "|" + "---|" * 12]
+    for view in config.views:
+        for site in config.sites:
+            def values(key: str, variant: str | None = None, field: str = "rv_dice") -> np.ndarray:
+                vals = []
+                for r in results:
+                    entry = r["views"][view]
+                    rows = entry.get(key, {}).get("summary", []) if key == "transductive" else entry.get(key, [])
+                    vals += [row[field] for row in rows if row["site"] == site.name and
+                             (variant is None or row["variant"] == variant)]
+                return np.array(vals)
+
+            m, qc, full = (values("summary", v) for v in ("M", "{M}+QC", "full"))
+            if not len(m):
+                continue
+            tr, ub = values("transductive", "full"), values("upper_bound", "M")
+            hd = [values("summary", v, "rv_hd_mm") for v in ("M", "{M}+QC", "full")]
+
+            def fmt(a: np.ndarray, digits: int = 3) -> str:
+                if not len(a):
+                    return "-"
+                return f"{a.mean():.{digits}f} ± {a.std():.{digits}f}" if len(a) > 1 else f"{a.mean():.{digits}f}"
+
+            gap = (full.mean() - m.mean()) / (ub.mean() - m.mean()) if len(ub) and ub.mean() - m.mean() > 1e-6 else np.nan
+            lines.append(f"| {view} | {site.name} | {'yes' if site.labelled else 'no'} | {fmt(m)} | {fmt(qc)} | "
+                         f"{fmt(full)} | {fmt(tr)} | {fmt(ub)} | {gap:.0%} | {fmt(hd[0], 2)} | {fmt(hd[1], 2)} | "
+                         f"{fmt(hd[2], 2)} |")
+    return "\n".join(lines)
+
+
+def ablation_command(config_path: Path, out: Path, seeds: Sequence[int], overrides=None) -> int:
+    config = load_config(config_path, overrides)
+    ensure_data(config)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for seed in seeds:
+        print(f"=== seed {seed}")
+        results.append(run_seed(config, seed, out))
+        write_json(out / "ablation.json", results)
+    report = aggregate(results, config)
+    (out / "ablation.md").write_text(report + "\n")
+    print(report)
+    return 0

@@ -1,0 +1,70 @@
+"""The real site algorithm through every task of the protocol, without Flower (FedAvg by hand)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fedqc.config import config_from_dict, to_dict
+from fedqc.exchange import ALLOWED_METRIC_KEYS, Task, candidate_prefix
+from fedqc.site import flatten, make_site_algo, unflatten
+from tests.conftest import tiny_config_dict
+
+
+def fedavg(replies):
+    replies = [r for r in replies if r.weights]
+    total = sum(r.metrics["num-examples"] for r in replies)
+    return {k: sum(r.weights[k] * r.metrics["num-examples"] for r in replies) / total for k in replies[0].weights}
+
+
+@pytest.fixture(scope="module")
+def sites(tiny_data, tmp_path_factory):
+    work = tmp_path_factory.mktemp("sites")
+    config = config_from_dict(tiny_config_dict(tiny_data, views=["SA"]))
+    settings = to_dict(config)
+    settings.pop("sites")
+    settings.pop("simulated", None)
+    run_config = flatten(settings)
+    algos = []
+    for site in config.sites:
+        node = {"site-id": site.name, "work-dir": str(work / site.name), "root": str(site.root),
+                "filter": json.dumps(dict(site.filter)), "labelled": site.labelled,
+                "test-fraction": site.test_fraction, "views": "SA"}
+        algos.append(make_site_algo(node, run_config))
+    return algos, work
+
+
+def test_flatten_round_trip():
+    data = {"train": {"epochs": 3, "lr": 0.1}, "views": ["SA"], "model": {"kwargs": {"channels": [4, 8]}}}
+    assert unflatten(flatten(data)) == data
+
+
+def test_every_task_end_to_end(sites):
+    algos, work = sites
+    weights = algos[0].run(Task.SUPERVISED, None, {"local-epochs": 0, "seed": 0}).weights
+    assert weights and all(k.startswith("seg/SA/") for k in weights)
+    replies = [a.run(Task.SUPERVISED, weights, {"local-epochs": 1, "phase-round": 1}) for a in algos]
+    assert replies[0].metrics["num-examples"] > 0 and "val-dice" in replies[0].metrics
+    assert replies[1].weights is None and replies[1].metrics["num-examples"] == 0  # unlabelled site
+    new = fedavg(replies)
+    assert any(not np.array_equal(new[k], weights[k]) for k in weights)
+    ae = algos[0].run(Task.QC_AUTOENCODER, None, {"local-epochs": 0, "seed": 0}).weights
+    ae = fedavg([a.run(Task.QC_AUTOENCODER, ae, {"local-epochs": 1, "phase-round": 1}) for a in algos])
+    candidates = {candidate_prefix(i) + k: v for i in range(2) for k, v in new.items()}
+    refine = [a.run(Task.REFINE, {**candidates, **ae}, {"local-epochs": 1, "alpha": 1.0, "num-candidates": 2})
+              for a in algos]
+    assert refine[1].metrics["num-cases"] > 0
+    assert refine[0].weights is not None  # the labelled site contributes the supervised term
+    assert (work / "centre2" / "thresholds" / "SA.json").is_file()  # fences stay at the site
+    # The autoencoder was cached at each site: PREDICT needs no autoencoder weights in the message.
+    predict = [a.run(Task.PREDICT, candidates, {"num-candidates": 2}) for a in algos]
+    assert predict[1].metrics["num-cases"] == 16
+    assert len(list((work / "centre2" / "predictions").glob("*_pred.nii.gz"))) == 16
+    for reply in replies + refine + predict:
+        assert set(reply.metrics) <= ALLOWED_METRIC_KEYS
+        assert all(isinstance(v, (int, float, bool)) for v in reply.metrics.values())
+        for name, array in (reply.weights or {}).items():
+            assert name.split("/")[0] in ("seg", "ae") or name.startswith("m")
+            assert isinstance(array, np.ndarray) and array.dtype.kind == "f"
