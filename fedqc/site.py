@@ -100,7 +100,7 @@ class FedqcSite:
     def split(self, view: View) -> SiteSplit:
         if view not in self._splits:
             self._splits[view] = load_site_split(self.site, view, self.config, with_test_labels=False,
-                                                 progress=None)
+                                                 progress=None, cache_dir=self.work_dir / "cache")
         return self._splits[view]
 
     # -- protocol ----------------------------------------------------------------------------------

@@ -8,16 +8,18 @@ adaptation pool (unlabelled cases) and held-out test subjects.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from fedqc.config import Config, PreprocessConfig, SiteConfig
 from fedqc.data.mnms2 import Case, discover_cases, filter_cases
-from fedqc.data.nifti import Volume, load_image, load_label
-from fedqc.data.preprocess import Geometry, PreprocessSpec, heart_centre_px, preprocess_image, preprocess_label
+from fedqc.data.cache import load_preprocessed
+from fedqc.data.preprocess import Geometry, PreprocessSpec
 from fedqc.errors import DataError
 from fedqc.types import View
 
@@ -72,21 +74,22 @@ def site_cases(site: SiteConfig, views: Sequence[View]) -> list[Case]:
 
 
 def prepare_case(case: Case, spec: PreprocessSpec, with_labels: bool,
-                 label_remap: dict[int, int] | None = None) -> PreparedCase:
-    """Load and preprocess one case; labels only when asked for and present."""
-    volume: Volume = load_image(case.image)
-    labels = None
-    raw_labels = None
-    if with_labels and case.label is not None:
-        raw_labels = load_label(case.label, volume, remap=label_remap or None)
-    centre = None
-    if spec.crop == "heart" and raw_labels is not None and raw_labels.any():
-        centre = heart_centre_px(raw_labels)
-    images, geometry = preprocess_image(volume, spec, centre_px=centre)
-    if raw_labels is not None:
-        labels = preprocess_label(raw_labels, geometry)
-    spacing = (float(volume.spacing_mm[2]), spec.spacing_mm, spec.spacing_mm)
-    return PreparedCase(case=case, images=images, labels=labels, geometry=geometry, spacing_mm=spacing)
+                 label_remap: dict[int, int] | None = None, cache_dir: Path | None = None) -> PreparedCase:
+    """Load and preprocess one case (from the site's cache when given); labels only when asked for.
+
+    Without ``with_labels`` the label file is never opened, not even to centre the crop.
+    """
+    if not with_labels:
+        case = dataclasses.replace(case, label=None)
+    item = load_preprocessed(case, spec, cache_dir=cache_dir, remap=label_remap or None)
+    return PreparedCase(case=case, images=item.image, labels=item.label, geometry=item.geometry,
+                        spacing_mm=(slice_spacing_mm(case.image), spec.spacing_mm, spec.spacing_mm))
+
+
+def slice_spacing_mm(path: Path) -> float:
+    """The through-plane spacing from the NIfTI header alone (1.0 for a 2D file)."""
+    zooms = nib.load(path).header.get_zooms()
+    return float(zooms[2]) if len(zooms) > 2 else 1.0
 
 
 def split_subjects(subjects: Sequence[str], fractions: Sequence[float], seed: int) -> list[list[str]]:
@@ -105,13 +108,13 @@ def split_subjects(subjects: Sequence[str], fractions: Sequence[float], seed: in
 
 
 def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_labels: bool = True,
-                    progress: Callable[[str], None] | None = print) -> SiteSplit:
+                    progress: Callable[[str], None] | None = print, cache_dir: Path | None = None) -> SiteSplit:
     """Read one site's cases of ``view`` and split them by subject.
 
     Labelled sites: test subjects (``site.test_fraction``) are held out, the rest is split into
     training and validation (``train.val_fraction``). Unlabelled sites: test subjects are held out
     and the rest is the adaptation pool, whose labels are never read. Test labels are read only
-    for evaluation (``with_test_labels``).
+    for evaluation (``with_test_labels``). ``cache_dir`` keeps preprocessed cases between runs.
     """
     spec = spec_from_config(config.preprocess)
     cases = site_cases(site, [view])
@@ -134,14 +137,14 @@ def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_l
     remap = dict(site.label_remap)
     for i, case in enumerate(cases):
         if case.subject in test_subjects:
-            split.test.append(prepare_case(case, spec, with_test_labels, remap))
+            split.test.append(prepare_case(case, spec, with_test_labels, remap, cache_dir))
         elif site.labelled:
             if case.label is None:
                 raise DataError(case.image, f"site {site.name!r} is labelled but this case has no label file")
             target = split.val if case.subject in val_subjects else split.train
-            target.append(prepare_case(case, spec, True, remap))
+            target.append(prepare_case(case, spec, True, remap, cache_dir))
         else:
-            split.pool.append(prepare_case(case, spec, False))
+            split.pool.append(prepare_case(case, spec, False, cache_dir=cache_dir))
         if progress and (i + 1) % 50 == 0:
             progress(f"  {site.name} {view}: prepared {i + 1}/{len(cases)} cases")
     if progress:
@@ -158,7 +161,3 @@ def stack_slices(cases: Sequence[PreparedCase]) -> tuple[np.ndarray, np.ndarray]
     images = np.concatenate([c.images for c in labelled])[:, None].astype(np.float32, copy=False)
     labels = np.concatenate([c.labels for c in labelled]).astype(np.uint8, copy=False)
     return images, labels
-
-
-def data_root_exists(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
