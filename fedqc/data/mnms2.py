@@ -2,33 +2,38 @@
 
 Layouts (docs/DATA.md): ``mnms2`` (``ROOT/NNN/NNN_{SA,LA}_{ED,ES}[_gt].nii.gz``), ``flat`` (the same
 names directly in ROOT) and ``folder`` (any NIfTI names; labels ``X_gt`` beside or ``labels/X``).
-Files with a ``CINE`` token (4D cine series) are ignored in every layout.
+Files with a ``CINE`` token (4D cine series) are ignored in every layout. Reading the metadata CSV
+and filtering by it live in :mod:`fedqc.data.metadata`, re-exported here.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import re
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from fedqc.data.metadata import (
+    METADATA_FILE,
+    SUBJECT_COLUMN,
+    FilterValue,
+    filter_cases,
+    natural_key,
+    read_metadata,
+    subject_key,
+)
 from fedqc.errors import ConfigError, DataError
 from fedqc.types import PHASES, VIEWS, Phase, View
 
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "dataset_information.csv"
-SUBJECT_COLUMN = "SUBJECT_CODE"
 LAYOUTS = ("mnms2", "flat", "folder")
 LABEL_FOLDER = "labels"
 _NAME = re.compile(r"^(?P<subject>.+?)_(?P<view>SA|LA)_(?P<phase>ED|ES)(?P<gt>_gt)?$")
-FilterValue = str | int | float | Sequence[str | int | float]
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,6 @@ class Case:
     def case_id(self) -> str:
         """``"{subject}_{view}_{phase}"``, unique within a site."""
         return f"{self.subject}_{self.view}_{self.phase}"
-
-
-def subject_key(code: str) -> str:
-    """Normalise a subject code so ``1``, ``001`` and `` 001 `` match (digits zero-padded to 3)."""
-    code = code.strip()
-    return f"{int(code):03d}" if code.isdigit() else code
 
 
 def discover_cases(
@@ -110,96 +109,6 @@ def discover_cases(
     return sorted(cases, key=_sort_key)
 
 
-def read_metadata(root: str | Path) -> dict[str, dict[str, str]]:
-    """Read ``root/dataset_information.csv`` (M&Ms-2 columns SUBJECT_CODE, DISEASE, VENDOR, ...).
-
-    Args:
-        root: the site's data folder.
-
-    Returns:
-        ``{subject_key(SUBJECT_CODE): {column: value}}`` with names and values stripped and
-        SUBJECT_CODE normalised; empty when the file does not exist.
-
-    Raises:
-        DataError: naming the CSV when it is unreadable, lacks SUBJECT_CODE or repeats a subject.
-    """
-    path = Path(root) / METADATA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-        delimiter = max(",;\t", key=lines[0].count) if lines else ","
-        rows = list(csv.DictReader(lines, delimiter=delimiter))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(path, f"unreadable metadata CSV ({exc})") from exc
-    metadata: dict[str, dict[str, str]] = {}
-    for line, row in enumerate(rows, start=2):
-        clean = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
-        if SUBJECT_COLUMN not in clean:
-            raise DataError(path, f"no {SUBJECT_COLUMN} column; columns are {sorted(clean)}")
-        if not clean[SUBJECT_COLUMN]:
-            continue
-        key = subject_key(clean[SUBJECT_COLUMN])
-        if key in metadata:
-            raise DataError(path, f"line {line}: subject {key} appears twice")
-        metadata[key] = {**clean, SUBJECT_COLUMN: key}
-    return metadata
-
-
-def filter_cases(
-    cases: Sequence[Case],
-    where: Mapping[str, FilterValue] | None,
-    metadata_file: str | Path = METADATA_FILE,
-) -> list[Case]:
-    """Keep the cases whose metadata matches every ``column: value`` of ``where``.
-
-    Values are compared as case-insensitive strings after normalising numbers (``1.5``,
-    ``"1.50"`` and ``"1.5"`` match; so do ``3`` and ``"3.0"``); a list means any of its values.
-    Cases of subjects missing from the CSV are skipped with a warning naming them.
-
-    Args:
-        cases: cases from :func:`discover_cases`.
-        where: the filter, e.g. ``{"VENDOR": "SIEMENS", "FIELD": [1.5, 3]}``; empty keeps all.
-        metadata_file: the CSV, only used to name it in errors.
-
-    Returns:
-        The matching cases, in input order.
-
-    Raises:
-        DataError: when a filter column is not in the CSV (naming the available columns), or
-            when nothing matches.
-    """
-    if not where:
-        return list(cases)
-    columns = sorted({column for case in cases for column in case.meta})
-    for column in where:
-        if column not in columns:
-            available = ", ".join(columns) if columns else "none: no metadata CSV was found"
-            raise DataError(
-                metadata_file, f"filter column '{column}' is not in the metadata; "
-                f"available columns: {available}"
-            )
-    missing = sorted({c.subject for c in cases if not c.meta}, key=_natural)
-    if missing:
-        message = (
-            f"{len(missing)} subject(s) have no row in {Path(metadata_file).name} and are "
-            f"skipped by the filter: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}"
-        )
-        warnings.warn(message, stacklevel=2)
-        logger.warning(message)
-    wanted = {column: _allowed(value) for column, value in where.items()}
-    kept = [
-        case for case in cases
-        if case.meta and all(_normalise(case.meta[col]) in ok for col, ok in wanted.items())
-    ]
-    if not kept:
-        seen = {col: sorted({c.meta[col] for c in cases if c.meta}) for col in wanted}
-        raise DataError(
-            metadata_file, f"filter {dict(where)} matches no case; values present: {seen}"
-        )
-    return kept
-
-
 def split_cases(
     cases: Sequence[Case], sizes: Sequence[float] | Sequence[int], seed: int = 0
 ) -> list[list[Case]]:
@@ -217,7 +126,7 @@ def split_cases(
     Raises:
         ConfigError: when ``sizes`` is empty, negative, or does not add up.
     """
-    subjects = sorted({c.subject for c in cases}, key=_natural)
+    subjects = sorted({c.subject for c in cases}, key=natural_key)
     counts = _split_counts(sizes, len(subjects))
     order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
     bounds = np.cumsum([0, *counts])
@@ -313,26 +222,11 @@ def _checked(key: str, given: Iterable[str], allowed: tuple[str, ...]) -> tuple[
     return given
 
 
-def _allowed(value: FilterValue) -> set[str]:
-    values = value if isinstance(value, list | tuple | set) else [value]
-    return {_normalise(v) for v in values}
-
-
-def _normalise(value: str | int | float) -> str:
-    """``" 1.50 "`` -> ``"1.5"``, ``3.0`` -> ``"3"``, ``" Siemens"`` -> ``"siemens"``."""
-    text = str(value).strip()
-    try:
-        number = float(text)
-    except ValueError:
-        return text.casefold()
-    if not math.isfinite(number):
-        return text.casefold()
-    return str(int(number)) if number.is_integer() else repr(number)
-
-
-def _natural(text: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
 def _sort_key(case: Case) -> tuple:
-    return (_natural(case.subject), VIEWS.index(case.view), PHASES.index(case.phase))
+    return (natural_key(case.subject), VIEWS.index(case.view), PHASES.index(case.phase))
+
+
+__all__ = [
+    "LABEL_FOLDER", "LAYOUTS", "METADATA_FILE", "SUBJECT_COLUMN", "Case", "FilterValue",
+    "discover_cases", "filter_cases", "read_metadata", "split_cases", "subject_key",
+]

@@ -11,6 +11,7 @@ resampled grid has ``round(n_a / zoom_a)`` pixels sharing the original grid's ce
 crop starts at integer ``start_a`` on it (negative means padding). :class:`Geometry` records these
 numbers so :func:`restore_probabilities` can map predictions back exactly onto the original grid.
 Output axis 1 is X and axis 2 is Y: ``slices[k]`` is ``array[:, :, k]`` resampled, not transposed.
+The inverse maps (``restore_*``) live in :mod:`fedqc.data.restore`, re-exported here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from scipy import ndimage
 
+from fedqc.data.restore import restore_labels, restore_probabilities
 from fedqc.errors import ConfigError
 from fedqc.types import NUM_CLASSES, FloatArray, LabelArray
 
@@ -207,58 +209,6 @@ def preprocess_label(labels: np.ndarray, geometry: Geometry) -> LabelArray:
     return np.argmax(probs, axis=1).astype(np.uint8)
 
 
-def restore_probabilities(probs: np.ndarray, geometry: Geometry) -> LabelArray:
-    """Map class probabilities (Z, C, size, size) back to labels on the original (X, Y, Z) grid.
-
-    The crop is padded with background probability 1 outside, resampled linearly back to the
-    original pixels, and the argmax taken there.
-
-    Args:
-        probs: per-class probabilities (or any scores averaging sensibly), class 0 = background.
-        geometry: from :func:`preprocess_image` on the image they were predicted from.
-
-    Returns:
-        uint8 labels shaped ``geometry.original_shape``.
-
-    Raises:
-        ValueError: if ``probs`` is not shaped (Z, C, size, size) for this geometry.
-    """
-    probs = np.asarray(probs, dtype=np.float32)
-    size, n_z = geometry.size_px, geometry.original_shape[2]
-    if probs.ndim != 4 or probs.shape[0] != n_z or probs.shape[2:] != (size, size):
-        raise ValueError(f"probabilities shape {probs.shape} != ({n_z}, C, {size}, {size})")
-    (sx, ox), (sy, oy) = geometry.output_to_original_px(0), geometry.output_to_original_px(1)
-    # inverse map: output index = (original index - offset) / scale
-    matrix, offset = np.array([1 / sx, 1 / sy]), np.array([-ox / sx, -oy / sy])
-    out_shape = geometry.original_shape[:2]
-    best = np.zeros(geometry.original_shape, dtype=np.uint8)
-    for k in range(n_z):
-        restored = np.stack([
-            ndimage.affine_transform(
-                probs[k, c], matrix, offset, output_shape=out_shape, order=1,
-                mode="grid-constant", cval=float(c == 0),
-            )
-            for c in range(probs.shape[1])
-        ])
-        best[:, :, k] = np.argmax(restored, axis=0)
-    return best
-
-
-def restore_labels(labels: np.ndarray, geometry: Geometry) -> LabelArray:
-    """Map output-grid labels (Z, size, size) back to (X, Y, Z), via their one-hot encoding.
-
-    Args:
-        labels: integer labels in 0..3 on the output grid.
-        geometry: from :func:`preprocess_image`.
-
-    Returns:
-        uint8 labels shaped ``geometry.original_shape``.
-    """
-    labels = np.asarray(labels)
-    one_hot = np.stack([(labels == c) for c in range(NUM_CLASSES)], axis=1).astype(np.float32)
-    return restore_probabilities(one_hot, geometry)
-
-
 def heart_centre_px(labels: np.ndarray) -> tuple[float, float] | None:
     """In-plane centre of mass (x, y) of all foreground voxels, in pixel coordinates.
 
@@ -315,3 +265,9 @@ def _to_output(array: np.ndarray, geometry: Geometry, order: int, cval: float) -
             output_shape=(size, size), order=order, mode="grid-constant", cval=cval,
         )
     return out
+
+
+__all__ = [
+    "Geometry", "PreprocessSpec", "crop_centre_px", "heart_centre_px", "plan_geometry",
+    "preprocess_image", "preprocess_label", "restore_labels", "restore_probabilities",
+]

@@ -210,8 +210,8 @@ def _directed_window_mm(
 ) -> torch.Tensor:
     """Directed distances a->b then b->a per pair, by row scans and a windowed search.
 
-    The algorithm of :func:`fedqc.qc.metrics._windowed_search`: exact distances along W from
-    a doubling scan, then rings of rows (z + dz, h + dh) around each query until certified.
+    The algorithm of :func:`fedqc.qc.surface_distance._windowed_search`: exact distances along W
+    from a doubling scan, then rings of rows (z + dz, h + dh) around each query until certified.
     """
     targets = torch.cat([edges_b, edges_a])
     n, n_z, n_h, n_w = targets.shape
