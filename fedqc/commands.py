@@ -163,14 +163,25 @@ def evaluate_command(data: Path, pred: Path, json_path: Path | None = None) -> i
 
 
 def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int:
+    """``fedqc simulate``: the whole federation on this machine, then the per-site ablation report."""
+    from fedqc.federation import federated_report, federation_settings, node_config
+    from fedqc.fl.simulation import SimulationConfig, run_simulation, summary
+
     config = load_config(config_path, overrides)
     run = run or Path("runs") / config_path.stem
     ensure_data(config)
-    try:
-        from fedqc.fl.simulation import run_simulation
-    except ModuleNotFoundError:
-        raise FedqcError("the federated simulation is not available in this version") from None
-    run_simulation(config, run)
+    start = time.perf_counter()
+    sites = [node_config(site, config.views) for site in config.sites]
+    simulation = SimulationConfig(sites=sites, federation=federation_settings(config, audit=True))
+    print(f"federating {len(sites)} sites ({', '.join(s.name for s in config.sites)}) into {run}")
+    run_simulation(simulation, run)
+    seconds = time.perf_counter() - start
+    print(f"federation finished in {seconds:.0f} s; scoring each site's held-out test subjects")
+    table = federated_report(config, run)
+    info = summary(run)
+    print(table)
+    print(f"\nrun directory: {run} (report.md, report.json, log.json, summary.json, sites/*/predictions)")
+    print(f"wall time {time.perf_counter() - start:.0f} s; m_best supervised rounds {info.get('m_best')}")
     return 0
 
 

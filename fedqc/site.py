@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from fedqc.config import Config, config_from_dict
 from fedqc.exchange import ConfigKey, MetricKey, Scalar, SiteReply, Task, Weights, candidate_prefix
@@ -40,7 +41,7 @@ def make_site_algo(node_config: Mapping[str, Scalar], run_config: Mapping[str, S
 
 
 def unflatten(flat: Mapping[str, Scalar]) -> dict[str, Any]:
-    """``{"train.epochs": 3}`` -> ``{"train": {"epochs": 3}}``; JSON-looking strings are decoded."""
+    """``{"train.epochs": 3}`` -> ``{"train": {"epochs": 3}}``; flow-YAML lists and mappings are decoded."""
     nested: dict[str, Any] = {}
     for key, value in flat.items():
         node = nested
@@ -48,23 +49,36 @@ def unflatten(flat: Mapping[str, Scalar]) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         if isinstance(value, str) and value[:1] in "[{":
-            value = json.loads(value)
+            value = yaml.safe_load(value)
         node[parts[-1]] = value
     return nested
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
-    """Inverse of :func:`unflatten`: lists and mappings below the sections become JSON strings."""
+    """Inverse of :func:`unflatten`: lists and mappings below the sections become flow-style YAML.
+
+    (Flow YAML quotes with single quotes: Flower's run-config parser stops at a double quote.)
+    """
     flat: dict[str, Scalar] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and not prefix:
             flat.update(flatten(value, f"{name}."))
         elif isinstance(value, (Mapping, list, tuple)):
-            flat[name] = json.dumps(value)
+            flat[name] = encode_value(value)
         elif value is not None:
             flat[name] = value
     return flat
+
+
+def encode_value(value: Any) -> str:
+    """A list or mapping as one line of flow-style YAML (no double quotes)."""
+    plain = json.loads(json.dumps(value))  # tuples -> lists, mapping proxies -> dicts
+    return yaml.safe_dump(plain, default_flow_style=True, width=1 << 30).strip()
+
+
+def decode_value(value: Any) -> Any:
+    return yaml.safe_load(value) if isinstance(value, str) and value else {}
 
 
 def site_config(node_config: Mapping[str, Scalar], run_config: Mapping[str, Scalar]) -> Config:
@@ -75,7 +89,7 @@ def site_config(node_config: Mapping[str, Scalar], run_config: Mapping[str, Scal
         if key in node_config:
             value = node_config[key]
             if key in ("filter", "label-remap") and isinstance(value, str):
-                value = json.loads(value) if value else {}
+                value = decode_value(value)
             site[key.replace("-", "_")] = value
     if "views" in node_config:
         data["views"] = [v.strip() for v in str(node_config["views"]).split(",") if v.strip()]

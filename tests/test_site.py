@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from fedqc.config import config_from_dict, to_dict
 from fedqc.exchange import ALLOWED_METRIC_KEYS, Task, candidate_prefix
-from fedqc.site import flatten, make_site_algo, unflatten
+from fedqc.site import encode_value, flatten, make_site_algo, unflatten
 from tests.conftest import tiny_config_dict
 
 
@@ -30,7 +28,7 @@ def sites(tiny_data, tmp_path_factory):
     algos = []
     for site in config.sites:
         node = {"site-id": site.name, "work-dir": str(work / site.name), "root": str(site.root),
-                "filter": json.dumps(dict(site.filter)), "labelled": site.labelled,
+                "filter": encode_value(dict(site.filter)), "labelled": site.labelled,
                 "test-fraction": site.test_fraction, "views": "SA"}
         algos.append(make_site_algo(node, run_config))
     return algos, work
@@ -39,6 +37,7 @@ def sites(tiny_data, tmp_path_factory):
 def test_flatten_round_trip():
     data = {"train": {"epochs": 3, "lr": 0.1}, "views": ["SA"], "model": {"kwargs": {"channels": [4, 8]}}}
     assert unflatten(flatten(data)) == data
+    assert all('"' not in str(v) for v in flatten({"sites": {"filter": {"VENDOR": "GE's"}}, **data}).values())
 
 
 def test_every_task_end_to_end(sites):
