@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import fedqc
+from fedqc.errors import ConfigError
 from fedqc.fl import rundir
 from fedqc.fl.settings import FederationSettings, Scalar
 
@@ -58,7 +59,10 @@ def site_run_config(run_config: Mapping[str, Scalar]) -> dict[str, Scalar]:
     return {k[len(SITE_KEY_PREFIX):]: v for k, v in run_config.items() if k.startswith(SITE_KEY_PREFIX)}
 
 
-def _toml_value(value: Scalar) -> str:
+def toml_value(value: Scalar) -> str:
+    """A scalar as a TOML value (strings may not contain double quotes: Flower's parser stops there)."""
+    if isinstance(value, str) and '"' in value:
+        raise ConfigError("config", f"value {value!r} may not contain double quotes")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -78,6 +82,6 @@ def write_app(run_dir: Path, config: Mapping[str, Scalar]) -> Path:
         "[tool.flwr.app.components]", f'serverapp = "{SERVER_COMPONENT}"', f'clientapp = "{CLIENT_COMPONENT}"', "",
         "[tool.flwr.app.config]",
     ]
-    lines += [f'"{key}" = {_toml_value(value)}' for key, value in config.items()]
+    lines += [f'"{key}" = {toml_value(value)}' for key, value in config.items()]
     rundir.atomic_write(app / "pyproject.toml", ("\n".join(lines) + "\n").encode())
     return app

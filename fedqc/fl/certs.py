@@ -56,7 +56,7 @@ def make_tls_files(out_dir: Path, hosts: Sequence[str] = (), days: int = 365) ->
         hosts: extra host names / IP addresses of the SuperLink for the certificate's SAN.
         days: validity.
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedqc consortium CA")])
     ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 from fedqc.errors import ConfigError, FedqcError
 from fedqc.fl import appdir, processes, rundir
@@ -56,13 +57,6 @@ def flower_env(home: Path) -> dict[str, str]:
     return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home), "PATH": path}
 
 
-def toml_value(value: object) -> str:
-    """A scalar as a TOML value (strings may not contain double quotes)."""
-    if isinstance(value, str) and '"' in value:
-        raise ConfigError("node_config", f"value {value!r} may not contain double quotes")
-    return appdir._toml_value(value)  # noqa: SLF001 - one formatting rule for both TOML files
-
-
 class SuperLink:
     """The coordinator's SuperLink for one run directory (a context manager that stops it).
 
@@ -79,7 +73,8 @@ class SuperLink:
         self.home = rundir.private_dir(self.run_dir / ".flwr")
         self.log_path = self.run_dir / "logs" / "superlink.log"
         self.proc: subprocess.Popen | None = None
-        self.stopped_pids: list[int] = []
+        self.stopped_pids: list[int] = []  # the SuperLink and its descendants, when stopped
+        self.cli_pids: list[int] = []  # `flwr run` processes
         if not insecure and (settings.tls is None or not settings.tls.server_cert or not settings.tls.server_key):
             raise ConfigError("server.tls", "TLS needs ca_cert, server_cert and server_key (or run with --insecure)")
         if insecure and settings.site_public_keys:
@@ -102,17 +97,21 @@ class SuperLink:
                 "--ssl-keyfile", str(s.tls.server_key)]
         return cmd + (["--enable-supernode-auth"] if s.site_public_keys else [])
 
-    def start(self) -> SuperLink:
+    def start(self) -> Self:
         """Start the SuperLink, write the ``flwr`` connection, allow-list site keys."""
         if not processes.port_is_free(self.settings.host, self.settings.port):
             raise FedqcError(f"port {self.settings.port} on {self.settings.host} is already in use; "
                              "stop what uses it or choose another server port")
         self._write_connection()
         self.proc = processes.spawn(self.command(), flower_env(self.home), self.log_path, cwd=self.run_dir)
-        processes.wait_for_port(self.address.split(":")[0], self.settings.port, self.settings.startup_timeout_s,
-                                self.proc, self.log_path)
-        for key in self.settings.site_public_keys:
-            self.flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], check=True)
+        try:
+            processes.wait_for_port(self.address.split(":")[0], self.settings.port, self.settings.startup_timeout_s,
+                                    self.proc, self.log_path)
+            for key in self.settings.site_public_keys:
+                self.flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], check=True)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _write_connection(self) -> None:
@@ -120,13 +119,13 @@ class SuperLink:
         if self.insecure:
             lines.append("insecure = true")
         else:
-            lines.append(f"root-certificates = {toml_value(str(Path(self.settings.tls.ca_cert).resolve()))}")
+            lines.append(f"root-certificates = {appdir.toml_value(str(Path(self.settings.tls.ca_cert).resolve()))}")
         rundir.atomic_write(self.home / "config.toml", ("\n".join(lines) + "\n").encode())
 
     def flwr(self, args: list[str], check: bool = False, timeout_s: float = 120) -> subprocess.CompletedProcess:
         """Run ``flwr ARGS`` against this SuperLink."""
         result = subprocess.run([executable("flwr"), *args], env=flower_env(self.home), capture_output=True,
-                                text=True, timeout=timeout_s, cwd=self.run_dir)
+                                text=True, timeout=timeout_s, cwd=self.run_dir, check=False)
         if check and result.returncode != 0:
             raise FedqcError(f"flwr {args[0]} failed ({result.returncode}): {result.stdout[-500:]}{result.stderr[-500:]}")
         return result
@@ -141,6 +140,7 @@ class SuperLink:
         proc = subprocess.Popen([executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"],
                                 env=flower_env(self.home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, cwd=self.run_dir, start_new_session=True)
+        self.cli_pids.append(proc.pid)
         lines: queue.Queue[str | None] = queue.Queue()
         reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True)
         reader.start()
@@ -188,7 +188,7 @@ class SuperLink:
         if self.proc is not None:
             self.stopped_pids = processes.stop_tree(self.proc)
 
-    def __enter__(self) -> SuperLink:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -217,7 +217,7 @@ class SuperNode:
         """The ``flower-supernode`` command line (writes the node-config TOML it names)."""
         s = self.settings
         node_config = self.work_dir / "node-config.toml"
-        lines = [f'"{k}" = {toml_value(v)}' for k, v in s.full_node_config().items()]
+        lines = [f'"{k}" = {appdir.toml_value(v)}' for k, v in s.full_node_config().items()]
         rundir.atomic_write(node_config, ("\n".join(lines) + "\n").encode())
         cmd = [executable("flower-supernode"), "--superlink", s.superlink, "--node-config", str(node_config),
                "--port", str(s.port)]
@@ -230,13 +230,22 @@ class SuperNode:
             cmd += ["--max-wait-time", str(s.max_wait_s)]
         return cmd
 
-    def start(self, ready_timeout_s: float = 60.0) -> SuperNode:
-        """Start the SuperNode and wait for its local ClientApp port."""
+    def spawn(self) -> subprocess.Popen:
+        """Start the SuperNode process without waiting for it."""
         if not processes.port_is_free("127.0.0.1", self.settings.port):
             raise FedqcError(f"port {self.settings.port} is already in use; give this site another client port")
         home = rundir.private_dir(self.work_dir / ".flwr")
         self.proc = processes.spawn(self.command(), flower_env(home), self.log_path, cwd=self.work_dir)
-        processes.wait_for_port("127.0.0.1", self.settings.port, ready_timeout_s, self.proc, self.log_path)
+        return self.proc
+
+    def start(self, ready_timeout_s: float = 60.0) -> Self:
+        """Start the SuperNode and wait for its local ClientApp port."""
+        self.spawn()
+        try:
+            processes.wait_for_port("127.0.0.1", self.settings.port, ready_timeout_s, self.proc, self.log_path)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -244,7 +253,7 @@ class SuperNode:
         if self.proc is not None:
             self.stopped_pids = processes.stop_tree(self.proc)
 
-    def __enter__(self) -> SuperNode:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -273,9 +282,13 @@ def run_server(config_path: str | Path | None, run_dir: str | Path, insecure: bo
         rundir.atomic_write(run_dir / "server.yaml", Path(config_path).read_bytes())
     settings.federation.to_json(run_dir / "federation.json")
     app = appdir.write_app(run_dir, appdir.run_config(settings.federation, run_dir, resume=resume))
-    with SuperLink(run_dir, settings, insecure) as link:
-        run_id = link.submit(app, echo=echo, max_seconds=max_seconds)
-        status = link.status(run_id)
+    try:
+        with SuperLink(run_dir, settings, insecure) as link:
+            run_id = link.submit(app, echo=echo, max_seconds=max_seconds)
+            status = link.status(run_id)
+    except KeyboardInterrupt:
+        echo(f"interrupted: the run and the SuperLink were stopped; continue with --resume {run_dir}")
+        return 130
     rundir.write_json(run_dir / "flower-run.json", status)
     echo(f"run {run_id}: {status.get('status')} {status.get('status-details', '')}".rstrip())
     return 0 if status.get("status") == "finished:completed" else 1

@@ -54,8 +54,8 @@ def toy_sites(count: int = 2) -> list[dict[str, Scalar]]:
 
 def one_round_each(**changes: object) -> FederationSettings:
     """Toy protocol settings with one round per phase."""
-    base = dict(supervised_rounds=1, ae_rounds=1, refine_rounds=1, local_epochs=2, m_best=1,
-                site_factory=TOY_FACTORY, node_wait_s=120, round_timeout_s=300)
+    base = {"supervised_rounds": 1, "ae_rounds": 1, "refine_rounds": 1, "local_epochs": 2, "m_best": 1,
+            "site_factory": TOY_FACTORY, "node_wait_s": 120, "round_timeout_s": 300}
     return FederationSettings(**{**base, **changes})
 
 
@@ -108,8 +108,9 @@ def run_local_federation(run_dir: Path, sites: Sequence[Mapping[str, Scalar]], f
             result.status = link.status(result.run_id)
         rundir.write_json(run_dir / "flower-run.json", result.status)
     finally:
-        for proc_owner in [link, *nodes]:
-            result.pids.extend(p for p in proc_owner.stopped_pids if p not in result.pids)
+        for owner in [link, *nodes]:
+            result.pids.extend(p for p in owner.stopped_pids if p not in result.pids)
+        result.pids.extend(link.cli_pids)
         result.seconds = time.monotonic() - started
     summary = run_dir / rundir.SUMMARY
     result.summary = json.loads(summary.read_text()) if summary.is_file() else None

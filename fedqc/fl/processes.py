@@ -42,7 +42,8 @@ def log_tail(path: Path, lines: int = 15) -> str:
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (via ``pgrep -P``; empty when none or pgrep is missing)."""
     try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, timeout=10,
+                             check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [int(p) for p in out.split()]

@@ -30,9 +30,24 @@ from flwr.serverapp import Grid
 
 from fedqc.exchange import ConfigKey, MetricKey, Scalar, Task, Weights, candidate_prefix
 from fedqc.fl import rundir
-from fedqc.fl.aggregation import BestRounds, Update, check_update, select, weighted_average, weighted_mean
-from fedqc.fl.rounds import (EVALUATE_FIRST, INIT, INIT_WEIGHTS, NORM_PATTERN, FederationError, Outcome,
-                              SiteExchange, num_examples)
+from fedqc.fl.aggregation import (
+    BestRounds,
+    Update,
+    check_update,
+    select,
+    weighted_average,
+    weighted_mean,
+)
+from fedqc.fl.rounds import (
+    EVALUATE_FIRST,
+    INIT,
+    INIT_WEIGHTS,
+    NORM_PATTERN,
+    FederationError,
+    Outcome,
+    SiteExchange,
+    num_examples,
+)
 from fedqc.fl.settings import FederationSettings
 
 PHASES = ("init", "supervised", "qc-autoencoder", "refine", "predict", "done")
@@ -59,8 +74,10 @@ class Protocol:
             state = rundir.read_json(state_path)
             self.phase, self.phase_round = state["phase"], state["phase_round"]
             self.server_round, self.best = state["server_round"], BestRounds.from_json(state["best"])
-            self.log_rows: list[dict] = rundir.read_json(self.run_dir / rundir.LOG)
-            self.weights = rundir.load_weights(rundir.checkpoint_path(self.run_dir, "global"))
+            # Rows written after the last state (a kill between the two writes) are redone.
+            self.log_rows: list[dict] = [row for row in rundir.read_json(self.run_dir / rundir.LOG)
+                                         if row["server_round"] <= self.server_round]
+            self.weights = rundir.load_weights(self.run_dir / state["weights"])
             log(INFO, "resuming %s at phase %s after round %d", run_dir, self.phase, self.phase_round)
         else:
             self.phase, self.phase_round, self.server_round = "init", 0, 0
@@ -75,7 +92,8 @@ class Protocol:
             try:
                 steps[self.phase]()
             except FederationError as exc:
-                self.log_rows.append({"phase": self.phase, "round": self.phase_round + 1, "error": str(exc)})
+                self.log_rows.append({"phase": self.phase, "round": self.phase_round + 1,
+                                      "server_round": self.server_round, "error": str(exc)})
                 self._save()
                 raise
             self._next_phase()
@@ -236,11 +254,15 @@ class Protocol:
         self._save()
 
     def _save(self) -> None:
-        rundir.save_weights(rundir.checkpoint_path(self.run_dir, "global"), self.weights)
+        """Weights under a new name, the log, then the state that names them: a kill leaves a usable pair."""
+        weights = rundir.global_checkpoint(self.run_dir, self.server_round)
+        rundir.save_weights(weights, self.weights)
         rundir.write_json(self.run_dir / rundir.LOG, self.log_rows)
         rundir.write_json(self.run_dir / rundir.STATE, {
             "phase": self.phase, "phase_round": self.phase_round, "server_round": self.server_round,
-            "best": self.best.to_json(), "candidates": self.best.best()})
+            "weights": str(weights.relative_to(self.run_dir)), "best": self.best.to_json(),
+            "candidates": self.best.best()})
+        rundir.prune_globals(self.run_dir, keep=weights)
 
     def _summary(self, seconds: float) -> dict[str, Any]:
         per_phase: dict[str, dict[str, float]] = {}

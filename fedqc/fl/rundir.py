@@ -6,13 +6,15 @@ RUN/app/pyproject.toml         the generated Flower app (run config; no code, no
 RUN/state.json                 where the protocol stands: phase, rounds done, m_best scores
 RUN/log.json                   round-by-round log: per-site metrics, missing sites, alpha, bytes
 RUN/summary.json               final figures (written when the protocol ends)
-RUN/checkpoints/global.npz     the latest global weights (seg/..., ae/..., m<i>/... in refinement)
+RUN/checkpoints/global-<n>.npz the global weights after exchange n (seg/..., ae/..., m<i>/...);
+                               state.json names the current one
 RUN/checkpoints/supervised-<round>.npz   global segmenters kept for m_best
 RUN/audit/<site>.jsonl         keys / types / shapes of each reply a site sent (when audited)
 RUN/.flwr/                     Flower home of a deployment (SuperLink database, config.toml)
 RUN/logs/                      SuperLink, SuperNode and `flwr run` logs
 ```
-A kill at any moment leaves the previous version of every file intact. Files are private (0600).
+A kill at any moment leaves the previous version of every file intact, and state.json always
+names a complete weights file. Files are private (0600).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ STATE = "state.json"
 LOG = "log.json"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
-GLOBAL = "global.npz"
 
 
 def private_dir(path: Path) -> Path:
@@ -96,4 +97,21 @@ def prune_supervised(run_dir: Path, keep: set[int]) -> None:
     """Delete supervised checkpoints of rounds not in ``keep``."""
     for path in (run_dir / CHECKPOINTS).glob("supervised-*.npz"):
         if int(path.stem.split("-")[1]) not in keep:
+            path.unlink()
+
+
+def global_checkpoint(run_dir: Path, server_round: int) -> Path:
+    """The global weights after exchange ``server_round``."""
+    return checkpoint_path(run_dir, f"global-{server_round:04d}")
+
+
+def current_global(run_dir: Path) -> Path:
+    """The global weights file ``RUN/state.json`` names."""
+    return Path(run_dir) / read_json(Path(run_dir) / STATE)["weights"]
+
+
+def prune_globals(run_dir: Path, keep: Path) -> None:
+    """Delete global weights files other than ``keep``."""
+    for path in (run_dir / CHECKPOINTS).glob("global-*.npz"):
+        if path != keep:
             path.unlink()

@@ -37,12 +37,14 @@ class SimulationConfig:
         federation: the protocol settings.
         cores: CPU cores to use (default: all).
         concurrent_clients: ClientApps running at once (default: min(sites, cores)).
+        gpus_per_client: GPU share of each running ClientApp (e.g. 0.5: two per GPU; 0: CPU only).
     """
 
     sites: Sequence[Mapping[str, Scalar]]
     federation: FederationSettings = dataclasses.field(default_factory=FederationSettings)
     cores: int | None = None
     concurrent_clients: int | None = None
+    gpus_per_client: float = 0.0
 
 
 def _resources(config: SimulationConfig) -> tuple[int, int]:
@@ -83,8 +85,8 @@ def run_simulation(config: SimulationConfig, run_dir: str | Path, resume: bool =
     """
     os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
     from flwr.app import Context, RecordDict
-    from flwr.simulation.run_simulation import _run_simulation
     from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
@@ -100,10 +102,12 @@ def run_simulation(config: SimulationConfig, run_dir: str | Path, resume: bool =
     run.override_config, run.primary_task_id, run.federation_id = dict(run_config), 1, NOOP_FEDERATION_ID
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run.run_id, SUPERLINK_NODE_ID
     backend_config = {
-        "client_resources": {"num_cpus": threads, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cores, "num_gpus": 0, "_node_ip_address": "127.0.0.1",
-                      "include_dashboard": False, "logging_level": "warning", "log_to_driver": True},
+        "client_resources": {"num_cpus": threads, "num_gpus": config.gpus_per_client},
+        "init_args": {"num_cpus": cores, "_node_ip_address": "127.0.0.1", "include_dashboard": False,
+                      "logging_level": "warning", "log_to_driver": True},
     }
+    if not config.gpus_per_client:
+        backend_config["init_args"]["num_gpus"] = 0  # else Ray counts the GPUs itself
     server_context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                              run_config=dict(run_config))
     _run_simulation(num_supernodes=len(config.sites), exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,

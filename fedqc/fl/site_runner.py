@@ -30,7 +30,14 @@ from flwr.app import ConfigRecord, Context, Error, Message
 
 from fedqc.exchange import SiteAlgo, SiteReply, Task, Weights
 from fedqc.fl import appdir, records, rundir
-from fedqc.fl.rounds import AE_HASH, EVALUATE_FIRST, INIT, INIT_WEIGHTS, NORM_PATTERN, TRANSFER_DTYPE
+from fedqc.fl.rounds import (
+    AE_HASH,
+    EVALUATE_FIRST,
+    INIT,
+    INIT_WEIGHTS,
+    NORM_PATTERN,
+    TRANSFER_DTYPE,
+)
 
 SITE_ERROR = 4100  # Error code of a reply whose site algorithm raised
 _STATE_AE, _STATE_AE_HASH, _STATE_LOCAL = "fedqc-qc-ae", "fedqc-qc-ae-hash", "fedqc-local"
@@ -177,7 +184,7 @@ def handle(msg: Message, context: Context) -> Message:
         if pattern and out:
             out = _keep_local_norms(out, context, pattern)
         content = records.reply_content(site_id, reply.metrics, out, val_metrics, transfer_dtype=dtype)
-    except Exception as exc:  # noqa: BLE001 - the reply must not carry the traceback
+    except Exception as exc:
         logger.exception("site %s: task %s failed", site_id, task)
         reason = f"site {site_id}: {type(exc).__name__} during {task or 'an unknown task'} (details in the site's log)"
         return Message(Error(code=SITE_ERROR, reason=reason), reply_to=msg)

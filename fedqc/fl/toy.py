@@ -1,12 +1,13 @@
 """A tiny but real SiteAlgo on synthetic data: proves the plumbing before the real method lands.
 
 Each site draws 16x16 images of a bright disc on noise, with a site-specific intensity shift
-and contrast (its "scanner"), from its ``seed``. The segmenter is conv-BN-ReLU-conv (names
-``seg/SA/conv.weight``, ``seg/SA/bn.running_mean``, ...), the QC autoencoder conv-ReLU-conv on
-one-hot masks (``ae/SA/...``). Every Task is honoured with the real algorithm's contract:
-FedProx's proximal term, alpha in REFINE, m_best candidates ``m<i>/seg/SA/...``, ``local-epochs``
-0 with no weights returns initial weights, PREDICT writes ``predictions.npz`` into the site's work
-dir. Only weights and allowed metrics are returned.
+and contrast (its "scanner"), from its ``seed``. The segmenter is conv-BN-ReLU-conv-conv
+(``seg/SA/conv.weight``, ``seg/SA/bn.running_mean``, ...; run config ``width``, default 4, sets
+its channels), the QC autoencoder conv-ReLU-conv on one-hot masks (``ae/SA/...``). Every Task is
+honoured with the real algorithm's contract: FedProx's proximal term, alpha in REFINE, m_best
+candidates ``m<i>/seg/SA/...``, ``local-epochs`` 0 with no weights returns initial weights,
+PREDICT writes ``predictions.npz`` into the site's work dir. Only weights and allowed metrics are
+returned.
 
 node_config: ``site-id``, ``seed`` (int), ``labelled`` (bool, default true), ``shift`` (float),
 ``num-cases`` (int, default 24), ``flag-below`` (pseudo-Dice under which a case is flagged,
@@ -25,15 +26,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedqc.exchange import ConfigKey, MetricKey, Scalar, SiteReply, Task, Weights, candidate_prefix
+from fedqc.exchange import (
+    ConfigKey,
+    MetricKey,
+    Scalar,
+    SiteReply,
+    Task,
+    Weights,
+    candidate_prefix,
+)
 
 SEG, AE = "seg/SA/", "ae/SA/"
 SIZE = 16
 
 
-def _segmenter() -> nn.Module:
-    return nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 4, 3, padding=1), bn=nn.BatchNorm2d(4), relu=nn.ReLU(),
-                                     head=nn.Conv2d(4, 2, 1)))
+def _segmenter(width: int = 4) -> nn.Module:
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(1, width, 3, padding=1), bn=nn.BatchNorm2d(width),
+                                     relu=nn.ReLU(), mid=nn.Conv2d(width, width, 3, padding=1),
+                                     head=nn.Conv2d(width, 2, 1)))
 
 
 def _autoencoder() -> nn.Module:
@@ -71,6 +81,7 @@ class ToySiteAlgo:
         self.flag_below = float(node_config.get("flag-below", 0.9))
         self.work_dir = str(node_config.get("work-dir", ""))
         self.lr = float(run_config.get("lr", 0.05))
+        self.width = int(run_config.get("width", 4))
         self.fail_task = str(node_config.get("fail-task", ""))
         self.leak = bool(node_config.get("leak", False))
         rng = np.random.default_rng(int(node_config.get("seed", 0)))
@@ -96,7 +107,7 @@ class ToySiteAlgo:
         epochs = int(config.get(ConfigKey.LOCAL_EPOCHS, 1))
         if weights is None and epochs == 0 and task in (Task.SUPERVISED, Task.QC_AUTOENCODER):
             torch.manual_seed(int(config.get(ConfigKey.SEED, 0)))
-            model, prefix = (_segmenter(), SEG) if task == Task.SUPERVISED else (_autoencoder(), AE)
+            model, prefix = (_segmenter(self.width), SEG) if task == Task.SUPERVISED else (_autoencoder(), AE)
             return SiteReply(weights=_state(model, prefix), metrics={})
         handlers = {Task.SUPERVISED: self._supervised, Task.QC_AUTOENCODER: self._autoencoder,
                     Task.EVALUATE: self._evaluate, Task.REFINE: self._refine, Task.PREDICT: self._predict}
@@ -107,7 +118,7 @@ class ToySiteAlgo:
     def _supervised(self, weights: Mapping, config: Mapping, epochs: int) -> SiteReply:
         if not self.labelled:
             return SiteReply(metrics={MetricKey.NUM_EXAMPLES.value: 0})
-        model = _segmenter()
+        model = _segmenter(self.width)
         _load(model, weights, SEG)
         loss = self._fit(model, self.train_idx, epochs, float(config.get(ConfigKey.PROXIMAL_MU, 0.0)))
         out = _state(model, SEG)
@@ -134,7 +145,7 @@ class ToySiteAlgo:
     def _evaluate(self, weights: Mapping, config: Mapping, epochs: int) -> SiteReply:
         if not self.labelled:
             return SiteReply(metrics={MetricKey.NUM_EXAMPLES.value: 0})
-        model = _segmenter()
+        model = _segmenter(self.width)
         _load(model, weights, SEG)
         model.eval()
         with torch.no_grad():
@@ -182,7 +193,7 @@ class ToySiteAlgo:
     def _candidates(self, weights: Mapping, config: Mapping) -> list[nn.Module]:
         models = []
         for i in range(int(config.get(ConfigKey.NUM_CANDIDATES, 1))):
-            model = _segmenter()
+            model = _segmenter(self.width)
             _load(model, weights, candidate_prefix(i) + SEG)
             models.append(model)
         return models

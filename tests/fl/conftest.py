@@ -12,8 +12,9 @@ TOY = "fedqc.fl.toy:make_toy_site"
 
 
 def toy_settings(**changes) -> FederationSettings:
-    base = dict(supervised_rounds=2, ae_rounds=1, refine_rounds=2, local_epochs=2, m_best=2, min_sites=2,
-                site_factory=TOY, node_wait_s=60, round_timeout_s=120, site_run_config={"lr": 0.1})
+    base = {"supervised_rounds": 2, "ae_rounds": 1, "refine_rounds": 2, "local_epochs": 2, "m_best": 2,
+            "min_sites": 2, "site_factory": TOY, "node_wait_s": 60, "round_timeout_s": 120,
+            "site_run_config": {"lr": 0.1}}
     return FederationSettings(**{**base, **changes})
 
 

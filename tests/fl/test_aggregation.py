@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from fedqc.fl import rundir
-from fedqc.fl.aggregation import BestRounds, Update, check_update, local_names, select, weighted_average
+from fedqc.fl.aggregation import (
+    BestRounds,
+    Update,
+    check_update,
+    local_names,
+    select,
+    weighted_average,
+)
 from fedqc.fl.settings import DEFAULT_NORM_PATTERN, FederationSettings
 
 

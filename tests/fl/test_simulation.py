@@ -49,14 +49,14 @@ def test_refinement_changed_the_global_model_with_alpha_per_round(fedprox_run):
     assert [r["alpha"] for r in rows] == [1.0, 0.5]
     assert all(r["num_flagged"]["A"] == 24 and r["aggregated_from"] for r in rows)
     best = json.loads((fedprox_run / rundir.SUMMARY).read_text())["m_best"]
-    final = rundir.load_weights(rundir.checkpoint_path(fedprox_run, "global"))
+    final = rundir.load_weights(rundir.current_global(fedprox_run))
     for i, round_ in enumerate(best):
         before = rundir.load_weights(rundir.supervised_checkpoint(fedprox_run, round_))
         assert not np.allclose(final[f"m{i}/seg/SA/conv.weight"], before["seg/SA/conv.weight"])
 
 
 def test_fedbn_keeps_normalisation_layers_out_of_the_global_model(audited_run):
-    final = rundir.load_weights(rundir.checkpoint_path(audited_run, "global"))
+    final = rundir.load_weights(rundir.current_global(audited_run))
     np.testing.assert_array_equal(final["m0/seg/SA/bn.weight"], np.ones(4, np.float32))
     np.testing.assert_array_equal(final["m0/seg/SA/bn.running_mean"], np.zeros(4, np.float32))
     before = rundir.load_weights(rundir.checkpoint_path(audited_run, "supervised-001"))

@@ -9,7 +9,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedqc.exchange import ConfigKey, MetricKey, Task, candidate_prefix
 from fedqc.fl import appdir, records, site_runner
-from fedqc.fl.rounds import AE_HASH, EVALUATE_FIRST, INIT, INIT_WEIGHTS, NORM_PATTERN, weights_digest
+from fedqc.fl.rounds import (
+    AE_HASH,
+    EVALUATE_FIRST,
+    INIT,
+    INIT_WEIGHTS,
+    NORM_PATTERN,
+    weights_digest,
+)
 from fedqc.fl.settings import DEFAULT_NORM_PATTERN
 
 FACTORY = "fedqc.fl.toy:make_toy_site"
