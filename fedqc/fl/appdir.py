@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import fedqc
-from fedqc.errors import ConfigError
 from fedqc.fl import rundir
 from fedqc.fl.settings import FederationSettings, Scalar
 
@@ -60,14 +59,12 @@ def site_run_config(run_config: Mapping[str, Scalar]) -> dict[str, Scalar]:
 
 
 def toml_value(value: Scalar) -> str:
-    """A scalar as a TOML value (strings may not contain double quotes: Flower's parser stops there)."""
-    if isinstance(value, str) and '"' in value:
-        raise ConfigError("config", f"value {value!r} may not contain double quotes")
+    """A scalar as a TOML value (a JSON string literal is a valid TOML basic string)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return json.dumps(value, ensure_ascii=False)
 
 
 def write_app(run_dir: Path, config: Mapping[str, Scalar]) -> Path:

@@ -92,3 +92,20 @@ def test_reply_content_holds_only_the_allowed_records():
     assert described["control"]["items"][records.SITE_ID]["value"] == "A"
     assert set(described["control"]["items"]) == records.CONTROL_KEYS
     assert described["val-metrics"]["items"]["val-dice"] == {"type": "float", "value": 0.9}
+
+
+def test_run_config_and_node_config_files_survive_flowers_parsers(tmp_path):
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    from fedqc.fl import appdir
+    from fedqc.fl.launch import SuperNode
+    from fedqc.fl.settings import ClientSettings
+
+    tricky = {"path": str(tmp_path / "dir with space" / "é"), "quoted": 'say "hi" \\ back', "flow": "{a: 'b', c: [1, 2]}",
+              "n": 3, "x": 0.5, "flag": True, "dotted.key": "v"}
+    app = appdir.write_app(tmp_path, tricky)
+    assert get_fused_config_from_dir(app, {}) == tricky
+    node = SuperNode(ClientSettings(site_id="A", work_dir=tmp_path / "site", node_config=tricky), insecure=True)
+    command = node.command()
+    node_config_file = command[command.index("--node-config") + 1]
+    assert parse_config_args([node_config_file]) == {**tricky, "site-id": "A", "work-dir": str(tmp_path / "site")}
