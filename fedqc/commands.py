@@ -178,9 +178,13 @@ def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int
     seconds = time.perf_counter() - start
     print(f"federation finished in {seconds:.0f} s; scoring each site's held-out test subjects")
     table = federated_report(config, run)
+    from fedqc.report import round_log_pngs
+
+    plots = round_log_pngs(run)
     info = summary(run)
     print(table)
-    print(f"\nrun directory: {run} (report.md, report.json, log.json, summary.json, sites/*/predictions)")
+    print(f"\nrun directory: {run} (report.md, report.json, log.json, summary.json, "
+          f"{len(plots)} plots, sites/*/predictions)")
     print(f"wall time {time.perf_counter() - start:.0f} s; m_best supervised rounds {info.get('m_best')}")
     return 0
 

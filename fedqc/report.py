@@ -110,3 +110,25 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def round_log_pngs(run_dir: Path) -> list[Path]:
+    """Plots of a federated run's ``log.json``: validation Dice, flagged cases per site, alpha."""
+    import json
+
+    rows = json.loads((run_dir / "log.json").read_text())
+    out = []
+    sup = [r for r in rows if r["phase"] in ("supervised", "supervised-evaluate") and "val_score" in r]
+    if sup:
+        out.append(lines_png(run_dir / "plots" / "global_val_dice.png",
+                             {"weighted mean val Dice": [r["val_score"] for r in sup]},
+                             "supervised round", "Dice", "global segmenter: federated validation Dice"))
+    ref = [r for r in rows if r["phase"] == "refine"]
+    if ref:
+        sites = sorted({s for r in ref for s in r["sites"]})
+        flagged = {s: [r["sites"].get(s, {}).get("metrics", {}).get("num-flagged", 0) for r in ref] for s in sites}
+        out.append(lines_png(run_dir / "plots" / "flagged_per_site.png", flagged, "refine round",
+                             "flagged cases", "OoD-flagged cases per site"))
+        out.append(lines_png(run_dir / "plots" / "alpha.png", {"alpha": [r.get("alpha", 0.0) for r in ref]},
+                             "refine round", "alpha", "weight of the semi-supervised term"))
+    return out

@@ -51,6 +51,8 @@ def test_simulated_federation_every_phase_report_and_privacy(tiny_data, tmp_path
     assert main(["simulate", "--config", str(config), "--out", str(run)]) == 0
     report = (run / "report.md").read_text()
     assert "centre2" in report and "full" in report and "{M}+QC" in report
+    assert {p.name for p in (run / "plots").glob("*.png")} == {"global_val_dice.png", "flagged_per_site.png",
+                                                               "alpha.png"}
     phases = [row["phase"] for row in json.loads((run / "log.json").read_text())]
     assert {"supervised", "qc-autoencoder", "refine", "predict"} <= set(phases)
     # Refinement changed the global model: the refined candidate 0 differs from the supervised one.

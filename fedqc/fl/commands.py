@@ -102,8 +102,13 @@ def server_command(config_path: Path, run_dir: Path | None, insecure: bool, resu
     settings = ServerSettings(host=server.host, port=server.port, tls=tls, site_public_keys=server.site_keys,
                               startup_timeout_s=server.startup_timeout_s,
                               federation=federation_settings(method))
-    target = resume or run_dir or server.run_dir
-    return run_server(source, target, insecure, settings=settings, resume=resume is not None)
+    target = Path(resume or run_dir or server.run_dir)
+    code = run_server(source, target, insecure, settings=settings, resume=resume is not None)
+    if (target / "log.json").is_file():
+        from fedqc.report import round_log_pngs
+
+        round_log_pngs(target)
+    return code
 
 
 def client_command(config_path: Path, insecure: bool) -> int:
