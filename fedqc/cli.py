@@ -174,11 +174,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     _line_buffered()
 
     def go() -> int:
-        try:
-            from fedqc.fl.commands import server_command
-        except ModuleNotFoundError:
-            print("fedqc-server: not yet available in this version (the federation lands next)", file=sys.stderr)
-            return EXIT_USER_ERROR
+        from fedqc.fl.commands import server_command
 
         return server_command(Path(args.config), run_dir=None if args.run_dir is None else Path(args.run_dir),
                               insecure=args.insecure, resume=None if args.resume is None else Path(args.resume))
@@ -198,11 +194,7 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     _line_buffered()
 
     def go() -> int:
-        try:
-            from fedqc.fl.commands import client_command
-        except ModuleNotFoundError:
-            print("fedqc-client: not yet available in this version (the federation lands next)", file=sys.stderr)
-            return EXIT_USER_ERROR
+        from fedqc.fl.commands import client_command
 
         return client_command(Path(args.config), insecure=args.insecure)
 

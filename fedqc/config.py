@@ -187,15 +187,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None, ch
     Raises:
         ConfigError: naming the file and key for a missing file, bad YAML or any invalid value.
     """
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError("<file>", f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError("<file>", f"not valid YAML: {exc}", path) from None
-    if not isinstance(data, dict):
-        raise ConfigError("<root>", "the file must hold a mapping of keys", path)
+    data, path = read_yaml(path)
     data.pop("source", None)
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
@@ -212,6 +204,20 @@ def check_site_roots(config: Config, source: Path | None) -> None:
     for i, site in enumerate(config.sites):
         if not site.root.is_dir():
             raise ConfigError(f"sites[{i}].root", f"data folder not found: {site.root} (site {site.name!r})", source)
+
+
+def read_yaml(path: str | Path) -> tuple[dict, Path]:
+    """A YAML file's top-level mapping and its resolved path; ConfigError naming the file otherwise."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError("<file>", f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError("<file>", f"not valid YAML: {exc}", path) from None
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", "the file must hold a mapping of keys", path)
+    return data, path
 
 
 def config_from_dict(data: Mapping[str, Any], base_dir: Path | None = None) -> Config:

@@ -41,4 +41,7 @@ class ConfigError(FedqcError):
         self.problem = problem
         self.source = None if source is None else Path(source)
         where = f"{self.source}: " if self.source else ""
-        super().__init__(f"{where}config key '{key}': {problem}")
+        if key.startswith("<"):  # the file as a whole (<file>) or its top level (<root>)
+            super().__init__(f"{where}{problem}")
+        else:
+            super().__init__(f"{where}config key '{key}': {problem}")

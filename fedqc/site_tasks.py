@@ -10,7 +10,6 @@ Replies carry weights and counts only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import numpy as np

@@ -12,6 +12,17 @@ import yaml
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _single_torch_thread():
+    """Tiny nets gain nothing from intra-op threads, and a shared CPU punishes oversubscription."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Two centres (one labelled-intent, one shifted), 8 subjects each, small matrices."""

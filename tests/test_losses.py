@@ -13,15 +13,6 @@ from fedqc.train.losses import (alpha_schedule, class_weights_with_rv, deep_supe
                                 qc_autoencoder_loss, semi_supervised_term, supervised_loss)
 from fedqc.types import Label
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny nets gain nothing from intra-op threads, and a shared CPU punishes oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 @pytest.fixture
 def batch():

@@ -13,15 +13,6 @@ from fedqc.models.segmenter import dynunet_num_pools, predict_probabilities, pre
 
 TINY_DYNUNET = {"filters": [4, 8, 16, 32]}
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny nets gain nothing from intra-op threads, and a shared CPU punishes oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 @pytest.mark.parametrize("size, pools", [(256, 6), (128, 5), (96, 4), (64, 4), (32, 3)])
 def test_dynunet_pools_follow_nnunet_rule(size, pools):

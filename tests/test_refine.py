@@ -15,15 +15,6 @@ from fedqc.train.refine import pseudo_ground_truth, refine_epoch, semi_supervise
 
 CPU = torch.device("cpu")
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny nets gain nothing from intra-op threads, and a shared CPU punishes oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 @pytest.fixture
 def setup():

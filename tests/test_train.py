@@ -22,15 +22,6 @@ CPU = torch.device("cpu")
 NO_AUGMENT = AugmentConfig(flip_prob=0, rotate_prob=0, scale_prob=0, bias_field_prob=0, gamma_prob=0,
                            scale_intensity_prob=0, shift_prob=0, noise_prob=0)
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny nets gain nothing from intra-op threads, and a shared CPU punishes oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 
 def synthetic_slices(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Discs (LV), rings (myocardium) and a side blob (RV) with noisy intensities."""

@@ -28,9 +28,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from fedqc.config import SiteConfig, load_config
+from fedqc.config import SiteConfig, load_config, read_yaml
 from fedqc.config_schema import build
 from fedqc.errors import ConfigError
 
@@ -67,13 +65,7 @@ class SiteFile:
 
 
 def _read(path: Path, cls: type):
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError("<file>", f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError("<file>", f"not valid YAML: {exc}", path) from None
+    data, path = read_yaml(path)
     return build(cls, data, "", path), path
 
 

@@ -19,6 +19,8 @@ from fedqc.errors import ConfigError
 from fedqc.train.device import autocast_context, eval_mode
 from fedqc.types import NUM_CLASSES
 
+ArrayOrTensor = "np.ndarray | torch.Tensor"
+
 PRESETS: tuple[str, ...] = ("unet", "dynunet", "tiny")
 
 # nnU-Net: 32 base channels doubling per stage up to 480 in 2D; pool until the map is 4 pixels wide.
