@@ -52,7 +52,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_ablation(args: argparse.Namespace) -> int:
     from fedqc.experiment import ablation_command
 
-    return ablation_command(Path(args.config), Path(args.out), seeds=args.seeds, overrides=_overrides(args.set))
+    return ablation_command(Path(args.config), Path(args.out), seeds=args.seeds, overrides=_overrides(args.set),
+                            report_from=[Path(p) for p in args.report_from or ()])
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (labelled + shifted unlabelled sites)")
     p.add_argument("--out", required=True, help="output folder for JSON and the markdown report")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    p.add_argument("--report-from", nargs="+", default=None, metavar="DIR",
+                   help="only rebuild the report from the seed*_VIEW.json files of earlier runs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=_cmd_ablation)
 

@@ -119,7 +119,9 @@ def aggregate(results: Sequence[dict], config: Config) -> str:
             def values(key: str, variant: str | None = None, field: str = "rv_dice") -> np.ndarray:
                 vals = []
                 for r in results:
-                    entry = r["views"][view]
+                    entry = r["views"].get(view)
+                    if entry is None:
+                        continue
                     rows = entry.get(key, {}).get("summary", []) if key == "transductive" else entry.get(key, [])
                     vals += [row[field] for row in rows if row["site"] == site.name and
                              (variant is None or row["variant"] == variant)]
@@ -143,16 +145,56 @@ def aggregate(results: Sequence[dict], config: Config) -> str:
     return "\n".join(lines)
 
 
-def ablation_command(config_path: Path, out: Path, seeds: Sequence[int], overrides=None) -> int:
+def quality_tables(results: Sequence[dict], config: Config) -> str:
+    """QC calibration per seed and view, and both fence sources' flag quality per shifted site."""
+    lines = ["| seed | view | Spearman pDC-Dice | Spearman pHD-HD | AUROC (pDC, Dice<0.8) | flag precision | "
+             "flag recall | cases | bad |", "|" + "---|" * 9]
+    fences = ["| seed | view | site | fence source | th_low pDC | th_up pHD | flagged | precision | recall | bad |",
+              "|" + "---|" * 10]
+    for r in results:
+        for view, entry in r["views"].items():
+            c = entry["calibration"]
+            lines.append(f"| {r['seed']} | {view} | {c['spearman_pdc_dice']:.3f} | {c['spearman_phd_hd']:.3f} | "
+                         f"{c['auroc_pdc']:.3f} | {c['precision']:.3f} | {c['recall']:.3f} | {c['n']} | "
+                         f"{c['n_bad']} |")
+            for site, sources in entry["fence_eval"].items():
+                for source, f in sources.items():
+                    prec = "-" if f["precision"] is None else f"{f['precision']:.2f}"
+                    rec = "-" if f["recall"] is None else f"{f['recall']:.2f}"
+                    fences.append(f"| {r['seed']} | {view} | {site} | {source} | {f['th_low_pdc']:.3f} | "
+                                  f"{f['th_up_phd']:.1f} | {f['n_flagged']}/{f['n']} | {prec} | {rec} | {f['n_bad']} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(fences)
+
+
+def load_results(folders: Sequence[Path]) -> list[dict]:
+    """Per-seed results from the ``seed<N>_<VIEW>.json`` files of earlier runs (several folders)."""
+    import json
+    import re
+
+    seeds: dict[int, dict] = {}
+    for folder in folders:
+        for path in sorted(Path(folder).glob("seed*_*.json")):
+            match = re.fullmatch(r"seed(\d+)_(SA|LA)", path.stem)
+            if match:
+                entry = seeds.setdefault(int(match[1]), {"seed": int(match[1]), "views": {}})
+                entry["views"][match[2]] = json.loads(path.read_text())
+    return [seeds[k] for k in sorted(seeds)]
+
+
+def ablation_command(config_path: Path, out: Path, seeds: Sequence[int], overrides=None,
+                     report_from: Sequence[Path] = ()) -> int:
     config = load_config(config_path, overrides)
-    ensure_data(config)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for seed in seeds:
-        print(f"=== seed {seed}")
-        results.append(run_seed(config, seed, out))
-        write_json(out / "ablation.json", results)
-    report = aggregate(results, config)
+    if report_from:
+        results = load_results(report_from)
+    else:
+        ensure_data(config)
+        results = []
+        for seed in seeds:
+            print(f"=== seed {seed}")
+            results.append(run_seed(config, seed, out))
+            write_json(out / "ablation.json", results)
+    report = aggregate(results, config) + "\n\n" + quality_tables(results, config)
     (out / "ablation.md").write_text(report + "\n")
     print(report)
     return 0
