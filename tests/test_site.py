@@ -67,3 +67,14 @@ def test_every_task_end_to_end(sites):
         for name, array in (reply.weights or {}).items():
             assert name.split("/")[0] in ("seg", "ae") or name.startswith("m")
             assert isinstance(array, np.ndarray) and array.dtype.kind == "f"
+
+
+def test_a_config_reaches_the_site_unchanged(tiny_data):
+    from fedqc.federation import node_config, site_run_config
+    from fedqc.site import site_config
+
+    config = config_from_dict(tiny_config_dict(tiny_data, train={"epochs": 7}, qc={"classes": "foreground"}))
+    for site in config.sites:
+        built = site_config(node_config(site, config.views), site_run_config(config))
+        assert built.sites[0] == site
+        assert built.train == config.train and built.qc == config.qc and built.views == config.views

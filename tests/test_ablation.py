@@ -1,0 +1,36 @@
+"""Known answers for the ablation's summaries and QC calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedqc.ablation import CaseRecord, auroc, calibration, summarise_variants
+
+
+def record(variant: str, dice: float, pdc: float, ood: bool, site: str = "a") -> CaseRecord:
+    return CaseRecord(site, f"{site}{dice}", "SA", variant, dice, 10 * (1 - dice), dice, 5.0, pdc, 1 - pdc, ood)
+
+
+def test_auroc_known_answers():
+    positive = np.array([True, True, False, False])
+    assert auroc(np.array([0.9, 0.8, 0.2, 0.1]), positive) == 1.0
+    assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), positive) == 0.0
+    assert auroc(np.array([0.5, 0.5, 0.5, 0.5]), positive) == 0.5  # ties count half
+
+
+def test_calibration_precision_recall_and_spearman():
+    records = [record("M", d, p, o) for d, p, o in
+               [(0.95, 0.97, False), (0.9, 0.93, False), (0.7, 0.75, True), (0.5, 0.6, True), (0.85, 0.5, True)]]
+    c = calibration(records)
+    assert c["n_bad"] == 2 and c["n_flagged"] == 3
+    assert c["precision"] == pytest.approx(2 / 3) and c["recall"] == 1.0
+    assert c["spearman_pdc_dice"] == pytest.approx(0.7)  # rank differences 0,0,1,1,2: 1 - 6*6/120
+    assert 0.5 < c["auroc_pdc"] <= 1.0
+
+
+def test_summary_means_per_site_and_variant():
+    records = [record("M", 0.8, 0.9, False), record("M", 0.6, 0.9, True), record("full", 0.9, 0.9, False)]
+    rows = {r["variant"]: r for r in summarise_variants(records)}
+    assert rows["M"]["rv_dice"] == pytest.approx(0.7) and rows["M"]["flagged"] == 1 and rows["M"]["n"] == 2
+    assert rows["full"]["rv_hd_mm"] == pytest.approx(1.0)
