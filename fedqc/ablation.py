@@ -25,6 +25,7 @@ from fedqc.data.preprocess import restore_probabilities
 from fedqc.evaluate import score_labels
 from fedqc.method import predict_case
 from fedqc.postprocess import largest_component_per_structure
+from fedqc.qc.metrics import dice as dice_fn
 from fedqc.qc.thresholds import Thresholds
 from fedqc.site_data import PreparedCase
 
@@ -45,6 +46,11 @@ class CaseRecord:
     pdc: float
     phd: float
     ood: bool
+    # Pseudo-label quality (network grid, RV): how close R's reconstruction of the selected
+    # prediction is to the truth, beside the prediction's own Dice. Refinement pulls predictions
+    # toward the reconstruction, so this bounds what it can recover.
+    recon_rv_dice_grid: float = float("nan")
+    pred_rv_dice_grid: float = float("nan")
 
 
 def score_case_variants(config: Config, site: str, case: PreparedCase,
@@ -60,8 +66,14 @@ def score_case_variants(config: Config, site: str, case: PreparedCase,
         labels = restore_probabilities(result.probs, case.geometry)
         dice, hd = score_labels(labels, ref, image.spacing_mm)
         dice_l, hd_l = score_labels(largest_component_per_structure(labels), ref, image.spacing_mm)
+        grid = {}
+        if case.labels is not None:
+            rv = (3,)
+            grid = {"recon_rv_dice_grid": float(dice_fn(result.reconstruction, case.labels, rv)[0]),
+                    "pred_rv_dice_grid": float(dice_fn(result.labels, case.labels, rv)[0])}
         records.append(CaseRecord(site, case.case_id, case.case.view, variant, dice["RV"], hd["RV"],
-                                  dice_l["RV"], hd_l["RV"], result.pdc_selected, result.phd_selected, result.ood))
+                                  dice_l["RV"], hd_l["RV"], result.pdc_selected, result.phd_selected, result.ood,
+                                  **grid))
     return records
 
 
@@ -79,8 +91,15 @@ def summarise_variants(records: Sequence[CaseRecord]) -> list[dict]:
                          "rv_hd_mm": float(np.mean([r.rv_hd_mm for r in sel])),
                          "rv_dice_lcc": float(np.mean([r.rv_dice_lcc for r in sel])),
                          "rv_hd_mm_lcc": float(np.mean([r.rv_hd_mm_lcc for r in sel])),
-                         "flagged": int(sum(r.ood for r in sel))})
+                         "flagged": int(sum(r.ood for r in sel)),
+                         "flagged_pred_rv_dice_grid": _nanmean([r.pred_rv_dice_grid for r in sel if r.ood]),
+                         "flagged_recon_rv_dice_grid": _nanmean([r.recon_rv_dice_grid for r in sel if r.ood])})
     return rows
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def calibration(records: Sequence[CaseRecord], variant: str = "M") -> dict:

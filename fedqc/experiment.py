@@ -163,7 +163,15 @@ def quality_tables(results: Sequence[dict], config: Config) -> str:
                     rec = "-" if f["recall"] is None else f"{f['recall']:.2f}"
                     fences.append(f"| {r['seed']} | {view} | {site} | {source} | {f['th_low_pdc']:.3f} | "
                                   f"{f['th_up_phd']:.1f} | {f['n_flagged']}/{f['n']} | {prec} | {rec} | {f['n_bad']} |")
-    return "\n".join(lines) + "\n\n" + "\n".join(fences)
+    pseudo = ["| seed | view | site | flagged under M | their RV Dice (grid) | RV Dice of R's reconstruction (grid) |",
+              "|" + "---|" * 6]
+    for r in results:
+        for view, entry in r["views"].items():
+            for row in entry["summary"]:
+                if row["variant"] == "M" and "flagged_recon_rv_dice_grid" in row and row["flagged"]:
+                    pseudo.append(f"| {r['seed']} | {view} | {row['site']} | {row['flagged']}/{row['n']} | "
+                                  f"{row['flagged_pred_rv_dice_grid']:.3f} | {row['flagged_recon_rv_dice_grid']:.3f} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(fences) + "\n\n" + "\n".join(pseudo)
 
 
 def load_results(folders: Sequence[Path]) -> list[dict]:
