@@ -97,7 +97,7 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
                                                                    for s in config.sites))
             usplits = [load_site_split(site, view, all_labelled) for site in all_labelled.sites]
             ub = train_supervised(all_labelled, [c for s in usplits for c in s.train],
-                                  [c for s in usplits for c in s.val], device)
+                                  [c for s in usplits for c in s.val], device, with_autoencoder=False)
             umodels = models_from_states(config, ub.candidate_states[:1], device)
             urec = []
             for split in usplits:

@@ -41,8 +41,10 @@ class SupervisedResult:
 
 
 def train_supervised(config: Config, train_cases: Sequence[PreparedCase], val_cases: Sequence[PreparedCase],
-                     device: torch.device, progress: Progress = print) -> SupervisedResult:
-    """Eq. 1 training of the segmenter (m_best checkpoints kept) and the QC autoencoder's training."""
+                     device: torch.device, progress: Progress = print,
+                     with_autoencoder: bool = True) -> SupervisedResult:
+    """Eq. 1 training of the segmenter (m_best checkpoints kept) and the QC autoencoder's training
+    (skipped with ``with_autoencoder=False``: ``autoencoder_state`` is then empty)."""
     images, labels = stack_slices(train_cases)
     if len(images) == 0:
         raise ValueError("no labelled training slices: at least one site must be labelled")
@@ -55,6 +57,8 @@ def train_supervised(config: Config, train_cases: Sequence[PreparedCase], val_ca
                              device=device, seed=tc.seed, progress=_epoch_printer("segmenter", tc.epochs, progress))
     states = [c.state_dict for c in result.checkpoints]
     info = [{"rank": i, "epoch": c.epoch, "val_score": c.score} for i, c in enumerate(result.checkpoints)]
+    if not with_autoencoder:
+        return SupervisedResult(states, info, {}, {"segmenter": result.history})
     seed_everything(tc.seed)
     ae = new_autoencoder(config).to(device)
     qc = config.qc
