@@ -57,6 +57,7 @@ def supervised(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epo
     phase_round = int(config.get(ConfigKey.PHASE_ROUND, 1))
     mu = float(config.get(ConfigKey.PROXIMAL_MU, 0.0))
     out, n_examples, losses, dice, rv = {}, 0, [], [], []
+    passes = _view_passes(site)
     for view in site.config.views:
         images, labels = site.labelled_slices(view)
         model = site.load_module(new_segmenter(site.config), weights, f"seg/{view}/")
@@ -70,8 +71,9 @@ def supervised(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epo
         for e in range(epochs):
             for group in opt.param_groups:
                 group["lr"] = scheduled_lr(tc.lr, first_epoch + e, total, opt_cfg)
-            stats = train_one_epoch(model, images, labels, opt, batch_size=tc.batch_size, generator=generator,
-                                    augmenter=augmenter)
+            for _ in range(passes[view]):
+                stats = train_one_epoch(model, images, labels, opt, batch_size=tc.batch_size, generator=generator,
+                                        augmenter=augmenter)
         for h in hooks:
             h.remove()
         losses.append(stats.loss)
@@ -88,6 +90,17 @@ def supervised(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epo
     return SiteReply(weights=out, metrics=metrics)
 
 
+def _view_passes(site: FedqcSite) -> dict[str, int]:
+    """Passes over each view's slices per local epoch, so every view gets about as many steps.
+
+    An LA case is one slice against about ten for SA: without this, one federated "epoch" gives the
+    LA segmenter a tenth of the SA steps, and a few rounds leave it untrained.
+    """
+    counts = {view: len(site.labelled_slices(view)[0]) for view in site.config.views}
+    most = max(counts.values(), default=0)
+    return {view: max(1, round(most / n)) if n else 1 for view, n in counts.items()}
+
+
 def _augmenter(site: FedqcSite, phase_round: int):
     from fedqc.train.augment import AugmentConfig, BatchAugmenter
 
@@ -102,12 +115,13 @@ def autoencoder(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], ep
     qc = site.config.qc
     phase_round = int(config.get(ConfigKey.PHASE_ROUND, 1))
     out, n, losses = {}, 0, []
+    passes = _view_passes(site)
     for view in site.config.views:
         _, labels = site.labelled_slices(view)
         ae = site.load_module(new_autoencoder(site.config), weights, f"ae/{view}/")
         opt = build_optimiser(ae, qc.ae_lr, OptimiserConfig(kind="adam", weight_decay=1e-5, schedule="constant"))
         generator = make_generator(site.config.train.seed + 104729 * phase_round, site.device)
-        for _ in range(epochs):
+        for _ in range(epochs * passes[view]):
             stats = autoencoder_one_epoch(ae, labels, opt, batch_size=qc.ae_batch_size, generator=generator)
         losses.append(stats.loss)
         out.update(site.export(ae, f"ae/{view}/"))
