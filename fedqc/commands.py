@@ -38,13 +38,12 @@ def _prepare(config: Config, view, progress=print):
 
 
 def train_command(config_path: Path, run: Path, overrides=None) -> int:
-    from fedqc.method import models_from_states, train_supervised
-    from fedqc.report import format_table
-    from fedqc.run_dir import save_autoencoder, save_candidates, save_config, thresholds_path, write_json
-    from fedqc.train.device import select_device
-    from fedqc.method import fit_thresholds
+    from fedqc.method import fit_thresholds, models_from_states, train_supervised
     from fedqc.qc.thresholds import ThresholdFitError
-    from fedqc.run_dir import load_autoencoder
+    from fedqc.report import format_table
+    from fedqc.run_dir import (load_autoencoder, save_autoencoder, save_candidates, save_config, thresholds_path,
+                               write_json)
+    from fedqc.train.device import select_device
 
     config = load_config(config_path, overrides)
     if not config.labelled_sites:
