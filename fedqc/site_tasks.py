@@ -196,7 +196,7 @@ def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs:
     m = int(config.get(ConfigKey.NUM_CANDIDATES, 1))
     alpha = float(config.get(ConfigKey.ALPHA, 1.0))
     rc = site.config.refine
-    out, n_cases, n_flagged, n_examples, semi, sup = {}, 0, 0, 0, [], []
+    out, n_cases, n_flagged, n_examples, n_labelled, semi, sup = {}, 0, 0, 0, 0, [], []
     for view in site.config.views:
         models = _candidates(site, weights, view, m)
         ae = _autoencoder_for(site, weights, view)
@@ -221,6 +221,7 @@ def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs:
                 semi.append(stats["semi_loss"])
                 sup.append(stats["sup_loss"])
             n_examples += sum(len(c.images) for c in flagged) + stats["n_labelled"]
+            n_labelled += stats["n_labelled"]
         elif len(images):
             # No flagged case here: the site still contributes Eq. 2's supervised term to the round.
             for i, model in enumerate(models):
@@ -231,10 +232,13 @@ def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs:
                                             generator=generator)
                 sup.append(stats.loss)
             n_examples += len(images)
+            n_labelled += len(images)
         for i, model in enumerate(models):
             out.update(site.export(model, f"{candidate_prefix(i)}seg/{view}/"))
+    # The coordinator weights refinement updates by these counts so the round's step is Eq. 2's
+    # (flagged slices = num-examples - num-labelled; fedqc.fl.aggregation.eq2_average).
     metrics = {M.NUM_CASES.value: n_cases, M.NUM_FLAGGED.value: n_flagged, M.NUM_EXAMPLES.value: n_examples,
-               M.ALPHA.value: alpha}
+               M.NUM_LABELLED.value: n_labelled, M.ALPHA.value: alpha}
     if semi:
         metrics[M.SEMI_LOSS.value] = float(np.mean(semi))
     if sup:

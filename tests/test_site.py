@@ -56,6 +56,9 @@ def test_every_task_end_to_end(sites):
               for a in algos]
     assert refine[1].metrics["num-cases"] > 0
     assert refine[0].weights is not None  # the labelled site contributes the supervised term
+    # The counts that let the coordinator weight the two terms of Eq. 2 (fedqc.fl.aggregation.eq2_average).
+    assert refine[0].metrics["num-labelled"] == refine[0].metrics["num-examples"] > 0
+    assert refine[1].metrics["num-labelled"] == 0  # unlabelled: whatever it used was flagged slices
     assert (work / "centre2" / "thresholds" / "SA.json").is_file()  # fences stay at the site
     # The autoencoder was cached at each site: PREDICT needs no autoencoder weights in the message.
     predict = [a.run(Task.PREDICT, candidates, {"num-candidates": 2}) for a in algos]

@@ -99,6 +99,50 @@ def weighted_average(updates: list[Update], reference: Mapping[str, np.ndarray])
     return result
 
 
+def eq2_average(updates: list[Update], reference: Mapping[str, np.ndarray],
+                labelled: Mapping[str, float]) -> Weights:
+    """Refinement rounds: the update whose first-order step is that of Eq. 2 over the consortium.
+
+    Eq. 2 is ``alpha * S + U`` with S the mean semi-supervised term over all flagged slices and U the
+    mean supervised term over all labelled slices, so ``grad = alpha * sum_k F_k/F grad S_k +
+    sum_k N_k/N grad U_k``. A site's update is a step on its own terms; the global step is therefore
+    the F-weighted mean of the steps of sites with flagged slices (F_k = num_examples - labelled)
+    plus the N-weighted mean of the steps of sites that used labelled slices only. (A site with both
+    terms joins the first group: exact when its two terms come in the consortium's proportions.)
+
+    Args:
+        updates: checked updates; ``num_examples`` = slices the site used (flagged + labelled).
+        reference: the global weights the sites started from.
+        labelled: per site, the labelled slices it used (NUM_LABELLED; 0 or absent: none).
+
+    Returns:
+        New global weights with the names and dtypes of ``reference``.
+    """
+    if not updates:
+        raise ValueError("nothing to aggregate")
+    flagged = {u.site: u.num_examples - float(labelled.get(u.site, 0.0)) for u in updates}
+    semi = [u for u in updates if flagged[u.site] > 0]
+    sup = [u for u in updates if flagged[u.site] <= 0]
+    groups = [(semi, {u.site: flagged[u.site] for u in semi}), (sup, {u.site: u.num_examples for u in sup})]
+    step: dict[str, np.ndarray] = {}
+    for members, weight in groups:
+        total = sum(weight.values())
+        for update in members:
+            for name, value in update.weights.items():
+                term = (np.asarray(value, dtype=np.float64) - np.asarray(reference[name], dtype=np.float64)) \
+                    * (weight[update.site] / total)
+                step[name] = step[name] + term if name in step else term
+    result: Weights = {}
+    for name, old in reference.items():
+        old = np.asarray(old)
+        if name not in step:
+            result[name] = old
+            continue
+        new = np.asarray(old, dtype=np.float64) + step[name]
+        result[name] = (np.rint(new) if not np.issubdtype(old.dtype, np.floating) else new).astype(old.dtype)
+    return result
+
+
 def weighted_mean(values: Iterable[tuple[float, float]]) -> float | None:
     """Mean of ``(value, weight)`` pairs; None when the weights sum to zero."""
     pairs = [(float(v), float(w)) for v, w in values]

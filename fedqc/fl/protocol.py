@@ -34,6 +34,7 @@ from fedqc.fl.aggregation import (
     BestRounds,
     Update,
     check_update,
+    eq2_average,
     select,
     weighted_average,
     weighted_mean,
@@ -156,8 +157,10 @@ class Protocol:
             config[ConfigKey.ALPHA.value] = self.settings.alpha_at(k)
             outcome = self._exchange(Task.REFINE, config, self._candidates(), ae=select(self.weights, AE))
             flagged = {a.site: int(a.metrics.get(MetricKey.NUM_FLAGGED.value, 0)) for a in outcome.answers}
+            labelled = {a.site: float(a.metrics.get(MetricKey.NUM_LABELLED.value, 0)) for a in outcome.answers}
             extra = {"alpha": config[ConfigKey.ALPHA.value], "num_flagged": flagged,
-                     **self._aggregate(outcome, required=False)}
+                     **self._aggregate(outcome, required=False,
+                                       combine=lambda ups, ref: eq2_average(ups, ref, labelled))}
             self._record("refine", k, outcome, extra)
             if not any(flagged.values()):
                 log(INFO, "refine: no site flagged a case in round %d; refinement ends", k)
@@ -192,7 +195,7 @@ class Protocol:
         log(INFO, "[%s] round %s: sending to the sites", task, config.get(ConfigKey.PHASE_ROUND.value, 0))
         return self.sites.run(task, config, weights, ae=ae, per_node=per_node)
 
-    def _aggregate(self, outcome: Outcome, required: bool = True) -> dict[str, Any]:
+    def _aggregate(self, outcome: Outcome, required: bool = True, combine=weighted_average) -> dict[str, Any]:
         updates, rejected = [], {}
         for answer in outcome.answers:
             if not answer.weights or num_examples(answer) <= 0:
@@ -207,7 +210,7 @@ class Protocol:
         if not updates and (required or rejected):
             raise FederationError(f"no usable update this round (rejected: {rejected}, failed: {outcome.failed})")
         if updates:
-            self.weights = weighted_average(updates, self.weights)
+            self.weights = combine(updates, self.weights)
         return {"aggregated_from": [u.site for u in updates], "rejected": rejected}
 
     def _score(self, round_: int, outcome: Outcome, val: bool) -> dict[str, Any]:

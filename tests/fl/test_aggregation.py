@@ -92,3 +92,20 @@ def test_weights_files_are_atomic_private_and_exact(tmp_path):
     assert set(back) == set(weights)
     np.testing.assert_array_equal(back["m0/seg/SA/w"], weights["m0/seg/SA/w"])
     assert not list(path.parent.glob(".*tmp"))
+
+
+def test_eq2_average_steps_on_both_terms_of_eq2():
+    """Semi-supervised sites are averaged by flagged slices, supervised-only sites by labelled slices,
+    and the two group steps add up: the first-order step of alpha * S + U over the consortium."""
+    from fedqc.fl.aggregation import Update, eq2_average
+
+    ref = {"w": np.zeros(2, np.float32), "count": np.array([5], np.int64)}
+    updates = [Update("u1", {"w": np.full(2, 1.0, np.float32)}, 2),   # 2 flagged slices
+               Update("u2", {"w": np.full(2, 3.0, np.float32)}, 6),   # 6 flagged slices
+               Update("lab", {"w": np.full(2, -1.0, np.float32)}, 10)]  # 10 labelled slices, nothing flagged
+    new = eq2_average(updates, ref, labelled={"lab": 10})
+    assert np.allclose(new["w"], 2 / 8 * 1 + 6 / 8 * 3 - 1.0)  # 1.5
+    assert new["w"].dtype == np.float32 and new["count"][0] == 5
+    # With one group only it is the usual weighted average of that group.
+    semi_only = eq2_average(updates[:2], ref, labelled={})
+    assert np.allclose(semi_only["w"], 2.5)
