@@ -138,6 +138,7 @@ class FederationConfig:
     min_sites: int = 1
     timeout_s: float = 600.0
     half_precision_transfer: bool = False
+    refine_aggregation: Literal["slices", "eq2"] = "slices"
 
 
 @dataclass(frozen=True)

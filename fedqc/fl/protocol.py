@@ -158,9 +158,11 @@ class Protocol:
             outcome = self._exchange(Task.REFINE, config, self._candidates(), ae=select(self.weights, AE))
             flagged = {a.site: int(a.metrics.get(MetricKey.NUM_FLAGGED.value, 0)) for a in outcome.answers}
             labelled = {a.site: float(a.metrics.get(MetricKey.NUM_LABELLED.value, 0)) for a in outcome.answers}
+            combine = weighted_average
+            if self.settings.refine_aggregation == "eq2":
+                combine = lambda ups, ref: eq2_average(ups, ref, labelled)  # noqa: E731
             extra = {"alpha": config[ConfigKey.ALPHA.value], "num_flagged": flagged,
-                     **self._aggregate(outcome, required=False,
-                                       combine=lambda ups, ref: eq2_average(ups, ref, labelled))}
+                     **self._aggregate(outcome, required=False, combine=combine)}
             self._record("refine", k, outcome, extra)
             if not any(flagged.values()):
                 log(INFO, "refine: no site flagged a case in round %d; refinement ends", k)

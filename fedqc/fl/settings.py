@@ -53,6 +53,8 @@ class FederationSettings:
         min_sites: sites that must be connected to start a round and must answer to aggregate.
         node_wait_s: how long to wait for ``min_sites`` to connect before failing.
         round_timeout_s: how long to wait for the replies of one round.
+        refine_aggregation: ``slices`` (FedAvg weighted by the slices each site used) or ``eq2``
+            (:func:`fedqc.fl.aggregation.eq2_average`: the first-order step of Eq. 2; docs/FEDERATION.md).
         transfer_dtype: ``float32``, or ``float16`` / ``bfloat16`` to halve the bytes of weights
             on the wire (both directions; the server keeps float32 and aggregates in float64).
         ae_delivery: ``push`` sends the frozen autoencoder with each site's first refine/predict
@@ -83,6 +85,7 @@ class FederationSettings:
     node_wait_s: float = 300.0
     round_timeout_s: float = 3600.0
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    refine_aggregation: Literal["slices", "eq2"] = "slices"
     ae_delivery: Literal["push", "on-request"] = "push"
     initial_weights: str = ""
     site_factory: str = DEFAULT_SITE_FACTORY
@@ -106,6 +109,7 @@ class FederationSettings:
             "node_wait_s": self.node_wait_s > 0,
             "round_timeout_s": self.round_timeout_s > 0,
             "transfer_dtype": self.transfer_dtype in ("float32", "float16", "bfloat16"),
+            "refine_aggregation": self.refine_aggregation in ("slices", "eq2"),
             "ae_delivery": self.ae_delivery in ("push", "on-request"),
             "site_factory": ":" in self.site_factory,
             "site_cache_size": self.site_cache_size >= 1,
