@@ -108,6 +108,7 @@ class FedqcSite:
         self.work_dir = Path(str(node_config.get("work-dir", "fedqc-site")))
         self.device = select_device(str(node_config.get("device", config.train.device)))
         self._splits: dict[View, SiteSplit] = {}
+        self._labelled: dict[View, tuple[np.ndarray, np.ndarray]] = {}
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -148,7 +149,10 @@ class FedqcSite:
         return {prefix + k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
     def labelled_slices(self, view: View) -> tuple[np.ndarray, np.ndarray]:
-        return stack_slices(self.split(view).train)
+        """The site's labelled training slices of ``view``, stacked once per process."""
+        if view not in self._labelled:
+            self._labelled[view] = stack_slices(self.split(view).train)
+        return self._labelled[view]
 
 
 def with_seed(config: Config, seed: int) -> Config:

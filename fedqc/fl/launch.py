@@ -57,7 +57,28 @@ def flower_env(home: Path) -> dict[str, str]:
     return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home), "PATH": path}
 
 
-class SuperLink:
+class _Daemon:
+    """A Flower daemon we started: a context manager that stops it and its children by PID."""
+
+    proc: subprocess.Popen | None
+    stopped_pids: list[int]
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the daemon and its children (e.g. its flower-superexec) by PID."""
+        if self.proc is not None:
+            self.stopped_pids = processes.stop_tree(self.proc)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SuperLink(_Daemon):
     """The coordinator's SuperLink for one run directory (a context manager that stops it).
 
     Args:
@@ -183,19 +204,9 @@ class SuperLink:
         runs = json.loads(result.stdout[result.stdout.index("{"):]).get("runs", [])
         return runs[0] if runs else {"status": "unknown"}
 
-    def stop(self) -> None:
-        """Stop the SuperLink and its children by PID."""
-        if self.proc is not None:
-            self.stopped_pids = processes.stop_tree(self.proc)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
-class SuperNode:
+class SuperNode(_Daemon):
     """One site's SuperNode (a context manager that stops it).
 
     Args:
@@ -248,16 +259,6 @@ class SuperNode:
             raise
         return self
 
-    def stop(self) -> None:
-        """Stop the SuperNode and its children by PID."""
-        if self.proc is not None:
-            self.stopped_pids = processes.stop_tree(self.proc)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def run_server(config_path: str | Path | None, run_dir: str | Path, insecure: bool, *, settings: ServerSettings,
