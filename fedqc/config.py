@@ -139,6 +139,20 @@ class FederationConfig:
     timeout_s: float = 600.0
     half_precision_transfer: bool = False
     refine_aggregation: Literal["slices", "eq2"] = "slices"
+    # Poisoned or broken updates (docs/FEDERATION.md): robust aggregation and the norm-outlier rule.
+    aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: float = 0.2
+    norm_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError("trim_fraction", f"got {self.trim_fraction!r}; must be in [0, 0.5)")
+        if not (self.norm_factor == 0 or 1.0 <= self.norm_factor < float("inf")):
+            raise ConfigError("norm_factor", f"got {self.norm_factor!r}; must be 0 (off) or a number >= 1 "
+                              "(a site is rejected above norm_factor x the median update norm)")
+        if self.aggregation != "mean" and self.refine_aggregation == "eq2":
+            raise ConfigError("refine_aggregation", f"eq2 cannot combine with aggregation {self.aggregation!r} "
+                              "(robust aggregation is unweighted); use slices, or aggregation mean")
 
 
 @dataclass(frozen=True)

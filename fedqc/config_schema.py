@@ -50,6 +50,8 @@ def build(cls: type, data: Any, key: str, source: Path | None) -> Any:
         raise ConfigError(_join(key, missing[0]), "required key is missing", source)
     try:
         return cls(**values)
+    except ConfigError as exc:  # a __post_init__ check naming its field: qualify it with this section
+        raise ConfigError(_join(key, exc.key), exc.problem, source) from None
     except (ValueError, TypeError) as exc:  # __post_init__ checks of cross-field rules
         raise ConfigError(key or "<root>", str(exc), source) from None
 

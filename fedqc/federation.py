@@ -54,7 +54,8 @@ def federation_settings(config: Config, audit: bool = False) -> FederationSettin
         alpha=config.refine.alpha, min_sites=fed.min_sites, node_wait_s=fed.timeout_s,
         round_timeout_s=max(fed.timeout_s, 60.0),
         transfer_dtype="bfloat16" if fed.half_precision_transfer else "float32",
-        refine_aggregation=fed.refine_aggregation,
+        refine_aggregation=fed.refine_aggregation, aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,
+        norm_factor=fed.norm_factor,
         seed=config.train.seed, site_run_config=site_run_config(config), audit_replies=audit)
 
 

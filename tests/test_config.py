@@ -47,6 +47,12 @@ def test_valid_config_is_typed_frozen_and_resolves_paths(tmp_path):
         ({"views": ["SA", "XX"]}, "views[1]", "allowed values"),
         ({"preprocess": {"size_px": 100}}, "<root>", "multiple of 16"),
         ({"federation": {"strategy": "fedsgd"}}, "federation.strategy", "fedavg"),
+        ({"federation": {"aggregation": "krum"}}, "federation.aggregation", "'trimmed-mean'"),
+        ({"federation": {"norm_factor": 0.5}}, "federation.norm_factor", "0 (off) or a number >= 1"),
+        ({"federation": {"norm_factor": "big"}}, "federation.norm_factor", "number"),
+        ({"federation": {"trim_fraction": 0.5}}, "federation.trim_fraction", "[0, 0.5)"),
+        ({"federation": {"aggregation": "median", "refine_aggregation": "eq2"}}, "federation.refine_aggregation",
+         "eq2 cannot combine"),
         ({"bogus": 1}, "bogus", "allowed keys"),
     ],
 )
@@ -121,3 +127,15 @@ def test_loader_only_ever_raises_config_error(tmp_path_factory, section, value):
         load_config(write(tmp_path, data))
     except ConfigError:
         pass
+
+
+def test_robust_aggregation_options_reach_the_federation_settings(tmp_path):
+    from fedqc.federation import federation_settings
+
+    config = load_config(write(tmp_path, base(tmp_path)), overrides={
+        "federation.aggregation": "trimmed-mean", "federation.trim_fraction": 0.25, "federation.norm_factor": 0})
+    settings = federation_settings(config)
+    assert (settings.aggregation, settings.trim_fraction, settings.norm_factor) == ("trimmed-mean", 0.25, 0.0)
+    assert settings.site_run_config["federation.aggregation"] == "trimmed-mean"  # flat scalars
+    defaults = federation_settings(load_config(write(tmp_path, base(tmp_path))))
+    assert (defaults.aggregation, defaults.trim_fraction, defaults.norm_factor) == ("mean", 0.2, 10.0)

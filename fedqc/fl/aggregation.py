@@ -47,20 +47,31 @@ def local_names(names: Iterable[str], pattern: str, shared_prefix: str = "ae/") 
     return {n for n in names if regex.search(n) and not n.startswith(shared_prefix)}
 
 
+# dtype.kind -> what a returned array must be, given the global array's kind.
+_KINDS = {"f": "floating", "i": "integer", "u": "integer", "b": "boolean"}
+
+
 def check_update(update: Update, reference: Mapping[str, np.ndarray]) -> str | None:
     """Why an update must not be aggregated, or None when it is sound.
 
     An update is refused when it names an array the server does not have, when a shape differs
-    from the global one, when a floating array holds NaN or Inf, or when its weight is not a
-    positive finite number.
+    from the global one, when its dtype is not of the global one's kind (a floating array must come
+    back floating, at any precision; an integer buffer integer; a boolean boolean), when a floating
+    array holds NaN or Inf, or when its weight is not a positive finite number.
     """
     if not np.isfinite(update.num_examples) or update.num_examples <= 0:
         return f"num-examples must be a positive number, got {update.num_examples!r}"
     for name, value in update.weights.items():
         if name not in reference:
             return f"unknown array {name!r}"
+        if not isinstance(value, np.ndarray):
+            return f"array {name!r} is a {type(value).__name__}, not a numpy array"
         if tuple(value.shape) != tuple(np.shape(reference[name])):
             return f"array {name!r} has shape {tuple(value.shape)}, expected {tuple(np.shape(reference[name]))}"
+        expected = np.asarray(reference[name]).dtype
+        kind = _KINDS.get(expected.kind, str(expected))
+        if _KINDS.get(value.dtype.kind, str(value.dtype)) != kind:
+            return f"array {name!r} has dtype {value.dtype}, expected {kind} (global: {expected})"
         if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
             return f"array {name!r} holds NaN or Inf"
     return None

@@ -33,12 +33,12 @@ from fedqc.fl import rundir
 from fedqc.fl.aggregation import (
     BestRounds,
     Update,
-    check_update,
     eq2_average,
     select,
     weighted_average,
     weighted_mean,
 )
+from fedqc.fl.robust import robust_average, screen_updates
 from fedqc.fl.rounds import (
     EVALUATE_FIRST,
     INIT,
@@ -198,22 +198,20 @@ class Protocol:
         return self.sites.run(task, config, weights, ae=ae, per_node=per_node)
 
     def _aggregate(self, outcome: Outcome, required: bool = True, combine=weighted_average) -> dict[str, Any]:
-        updates, rejected = [], {}
-        for answer in outcome.answers:
-            if not answer.weights or num_examples(answer) <= 0:
-                continue
-            update = Update(answer.site, answer.weights, num_examples(answer))
-            problem = check_update(update, self.weights)
-            if problem:
-                rejected[answer.site] = problem
-                log(WARNING, "update of site %s rejected: %s", answer.site, problem)
-            else:
-                updates.append(update)
+        offered = [Update(a.site, a.weights, num_examples(a)) for a in outcome.answers
+                   if a.weights and num_examples(a) > 0]
+        screened = screen_updates(offered, self.weights, self.settings.norm_factor)
+        updates, rejected = screened.kept, screened.rejected
+        for site, problem in rejected.items():
+            log(WARNING, "update of site %s rejected: %s", site, problem)
         if not updates and (required or rejected):
             raise FederationError(f"no usable update this round (rejected: {rejected}, failed: {outcome.failed})")
-        if updates:
+        if updates and self.settings.aggregation != "mean":  # robust: every phase, unweighted
+            self.weights = robust_average(updates, self.weights, self.settings.aggregation, self.settings.trim_fraction)
+        elif updates:
             self.weights = combine(updates, self.weights)
-        return {"aggregated_from": [u.site for u in updates], "rejected": rejected}
+        return {"aggregated_from": [u.site for u in updates], "rejected": rejected,
+                "update_norms": screened.norms, "norm_check": screened.norm_check}
 
     def _score(self, round_: int, outcome: Outcome, val: bool) -> dict[str, Any]:
         pairs = []

@@ -55,6 +55,13 @@ class FederationSettings:
         round_timeout_s: how long to wait for the replies of one round.
         refine_aggregation: ``slices`` (FedAvg weighted by the slices each site used) or ``eq2``
             (:func:`fedqc.fl.aggregation.eq2_average`: the first-order step of Eq. 2; docs/FEDERATION.md).
+        aggregation: ``mean`` (FedAvg, and ``refine_aggregation`` in refine rounds), or ``median`` /
+            ``trimmed-mean`` (:func:`fedqc.fl.robust.robust_average`, unweighted, in every phase;
+            ``eq2`` is refused with them).
+        trim_fraction: for ``trimmed-mean``, the fraction of sites dropped at each end per coordinate
+            (``int(trim_fraction * n)``, as Flower's FedTrimmedAvg), in [0, 0.5).
+        norm_factor: reject an update whose norm exceeds this multiple of the round's median update
+            norm (three or more updates); 0 disables the rule, otherwise >= 1.
         transfer_dtype: ``float32``, or ``float16`` / ``bfloat16`` to halve the bytes of weights
             on the wire (both directions; the server keeps float32 and aggregates in float64).
         ae_delivery: ``push`` sends the frozen autoencoder with each site's first refine/predict
@@ -86,6 +93,9 @@ class FederationSettings:
     round_timeout_s: float = 3600.0
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     refine_aggregation: Literal["slices", "eq2"] = "slices"
+    aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
+    trim_fraction: float = 0.2
+    norm_factor: float = 10.0
     ae_delivery: Literal["push", "on-request"] = "push"
     initial_weights: str = ""
     site_factory: str = DEFAULT_SITE_FACTORY
@@ -110,6 +120,9 @@ class FederationSettings:
             "round_timeout_s": self.round_timeout_s > 0,
             "transfer_dtype": self.transfer_dtype in ("float32", "float16", "bfloat16"),
             "refine_aggregation": self.refine_aggregation in ("slices", "eq2"),
+            "aggregation": self.aggregation in ("mean", "median", "trimmed-mean"),
+            "trim_fraction": 0.0 <= self.trim_fraction < 0.5,
+            "norm_factor": self.norm_factor == 0 or 1.0 <= self.norm_factor < float("inf"),
             "ae_delivery": self.ae_delivery in ("push", "on-request"),
             "site_factory": ":" in self.site_factory,
             "site_cache_size": self.site_cache_size >= 1,
@@ -117,6 +130,9 @@ class FederationSettings:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"federation.{key}", f"invalid value {getattr(self, key)!r}")
+        if self.aggregation != "mean" and self.refine_aggregation == "eq2":
+            raise ConfigError("federation.refine_aggregation", f"eq2 cannot combine with aggregation "
+                              f"{self.aggregation!r} (robust aggregation is unweighted); use slices or mean")
         for key, value in self.site_run_config.items():
             if not isinstance(value, (bool, int, float, str)):
                 raise ConfigError(f"federation.site_run_config.{key}", "values must be flat scalars")

@@ -109,3 +109,145 @@ def test_eq2_average_steps_on_both_terms_of_eq2():
     # With one group only it is the usual weighted average of that group.
     semi_only = eq2_average(updates[:2], ref, labelled={})
     assert np.allclose(semi_only["w"], 2.5)
+
+
+# -- poisoned or broken updates, robust aggregation (fedqc.fl.robust) -----------------------------
+
+
+def _honest(n: int = 4, seed: int = 0) -> tuple[dict[str, np.ndarray], list[Update]]:
+    """A global model and ``n`` honest updates: small steps from it, different example counts."""
+    rng = np.random.default_rng(seed)
+    ref = {"seg/w": rng.standard_normal((3, 4)).astype(np.float32), "seg/b": np.zeros(4, np.float32),
+           "seg/bn.num_batches_tracked": np.array(100, np.int64), "ae/w": np.ones(2, np.float32)}
+    updates = [Update(f"h{i}", {"seg/w": ref["seg/w"] + 0.01 * rng.standard_normal((3, 4)).astype(np.float32),
+                                "seg/b": 0.01 * rng.standard_normal(4).astype(np.float32),
+                                "seg/bn.num_batches_tracked": np.array(100 + 10 * (i + 1), np.int64)}, 10 + i)
+               for i in range(n)]
+    return ref, updates
+
+
+@pytest.mark.parametrize("poison", ["norm x1000", "nan", "int dtype", "shape"])
+def test_a_poisoned_site_among_four_honest_ones_is_rejected_and_the_global_is_the_honest_mean(poison):
+    from fedqc.fl.robust import screen_updates
+
+    ref, honest = _honest()
+    bad = {k: v.copy() for k, v in honest[0].weights.items()}
+    if poison == "norm x1000":
+        bad = {k: (ref[k] + 1000 * (v - ref[k]) if v.dtype.kind == "f" else v) for k, v in bad.items()}
+    elif poison == "nan":
+        bad["seg/b"][1] = np.nan
+    elif poison == "int dtype":
+        bad["seg/w"] = np.rint(bad["seg/w"]).astype(np.int32)
+    else:
+        bad["seg/w"] = np.zeros((4, 3), np.float32)
+    evil = Update("evil", bad, 1000)
+    screened = screen_updates([honest[0], evil, *honest[1:]], ref, norm_factor=10.0)
+    assert list(screened.rejected) == ["evil"]
+    assert {"norm x1000": "norm", "nan": "NaN", "int dtype": "dtype", "shape": "shape"}[poison] in \
+        screened.rejected["evil"]
+    assert [u.site for u in screened.kept] == ["h0", "h1", "h2", "h3"]
+    new, expected = weighted_average(screened.kept, ref), weighted_average(honest, ref)
+    assert set(new) == set(ref)
+    for name in ref:
+        np.testing.assert_array_equal(new[name], expected[name])
+        assert new[name].dtype == ref[name].dtype
+    assert "limit" in screened.norm_check and set(screened.norms) == {"h0", "h1", "h2", "h3"} | (
+        {"evil"} if poison == "norm x1000" else set())
+
+
+def test_check_update_refuses_the_wrong_dtype_kind_but_accepts_any_float_precision():
+    ref = _ref()
+    assert check_update(Update("A", {"seg/w": np.ones(3, np.float16)}, 1), ref) is None
+    assert check_update(Update("A", {"seg/bn.num_batches_tracked": np.array(3, np.int32)}, 1), ref) is None
+    assert "dtype" in check_update(Update("A", {"seg/w": np.ones(3, np.int64)}, 1), ref)
+    assert "dtype" in check_update(Update("A", {"seg/w": np.ones(3, np.complex64)}, 1), ref)
+    assert "dtype" in check_update(Update("A", {"seg/bn.num_batches_tracked": np.array(3.5)}, 1), ref)
+    assert "numpy array" in check_update(Update("A", {"seg/w": [0.0, 0.0, 0.0]}, 1), ref)
+
+
+def test_norm_rule_needs_three_updates_a_positive_median_and_can_be_disabled():
+    from fedqc.fl.robust import norm_outliers, screen_updates
+
+    assert norm_outliers({"a": 1.0, "b": 1e6}, 10.0) == ({}, "skipped: 2 update(s), the median rule needs 3")
+    assert norm_outliers({"a": 0.0, "b": 0.0, "c": 5.0}, 10.0)[1] == "skipped: median update norm is 0"
+    assert norm_outliers({"a": 1.0, "b": 1.0, "c": 1e6}, 0.0) == ({}, "off (norm_factor 0)")
+    rejected, note = norm_outliers({"a": 1.0, "b": 2.0, "c": 20.1, "d": 3.0}, 8.0)  # median 2.5, limit 20
+    assert list(rejected) == ["c"] and "limit 20" in note
+    ref, honest = _honest(3)
+    big = Update("big", {k: (ref[k] + 1000 * (v - ref[k]) if v.dtype.kind == "f" else v)
+                         for k, v in honest[0].weights.items()}, 10)
+    assert screen_updates([honest[0], big], ref, 10.0).rejected == {}  # two updates: not screened
+    assert list(screen_updates([*honest, big], ref, 10.0).rejected) == ["big"]
+    assert screen_updates([*honest, big], ref, 0.0).rejected == {}
+
+
+def test_median_and_trimmed_mean_equal_flowers_own_functions():
+    from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+    from fedqc.fl.robust import robust_average
+
+    rng = np.random.default_rng(3)
+    names = ["seg/a", "seg/b"]
+    ref = {"seg/a": np.zeros((5, 3), np.float32), "seg/b": np.zeros(7, np.float32)}
+    for n in (3, 4, 5, 6, 7, 10):
+        updates = [Update(f"s{i}", {k: rng.standard_normal(ref[k].shape).astype(np.float32) for k in names},
+                          int(rng.integers(1, 50))) for i in range(n)]
+        results = [([u.weights[k] for k in names], int(u.num_examples)) for u in updates]
+        median = robust_average(updates, ref, "median")
+        for ours, theirs in zip([median[k] for k in names], aggregate_median(results)):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+        for fraction in (0.0, 0.1, 0.2, 0.25, 0.3, 0.49):
+            trimmed = robust_average(updates, ref, "trimmed-mean", fraction)
+            for k, theirs in zip(names, aggregate_trimmed_avg(results, fraction)):
+                np.testing.assert_allclose(trimmed[k], theirs, rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(trimmed[k], trim_mean(np.stack([u.weights[k] for u in updates]), fraction),
+                                           rtol=1e-6, atol=1e-7)
+                assert trimmed[k].dtype == np.float32
+
+
+def test_robust_average_keeps_unsent_names_and_rounds_integer_buffers():
+    from fedqc.fl.robust import robust_average
+
+    ref = _ref()
+    ups = [Update(s, {"seg/w": np.full(3, v, np.float32), "seg/bn.num_batches_tracked": np.array(c)}, 1)
+           for s, v, c in [("A", 1.0, 10), ("B", 2.0, 11), ("C", 9.0, 40)]]
+    out = robust_average(ups, ref, "median")
+    np.testing.assert_array_equal(out["seg/w"], 2.0)
+    assert out["seg/bn.num_batches_tracked"] == 11 and out["seg/bn.num_batches_tracked"].dtype == np.int64
+    np.testing.assert_array_equal(out["ae/w"], ref["ae/w"])
+    np.testing.assert_array_equal(out["seg/bn.running_mean"], ref["seg/bn.running_mean"])
+    assert set(out) == set(ref)
+    with pytest.raises(ValueError):
+        robust_average([], ref, "median")
+    with pytest.raises(ValueError):
+        robust_average(ups, ref, "mean")
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed-mean"])
+def test_one_scaled_up_attacker_moves_robust_aggregates_far_less_than_the_mean(method):
+    from fedqc.fl.robust import robust_average
+
+    ref, honest = _honest(5, seed=7)
+    attacker = Update("evil", {k: (ref[k] + 100 * (v - ref[k]) if v.dtype.kind == "f" else v)
+                               for k, v in honest[0].weights.items()}, 10)
+    clean_mean = weighted_average(honest, ref)
+    clean_robust = robust_average(honest, ref, method)  # 6 updates with 0.2: one dropped at each end
+
+    def shift(a, b):
+        return float(np.sqrt(sum(np.sum((a[k].astype(np.float64) - b[k]) ** 2) for k in ("seg/w", "seg/b"))))
+
+    moved_mean = shift(weighted_average([*honest, attacker], ref), clean_mean)
+    moved_robust = shift(robust_average([*honest, attacker], ref, method), clean_robust)
+    assert moved_robust < moved_mean / 10
+
+
+def test_federation_settings_validate_the_robust_options():
+    from fedqc.errors import ConfigError
+
+    FederationSettings(aggregation="median", norm_factor=0.0)
+    for bad, key in [({"aggregation": "krum"}, "aggregation"), ({"trim_fraction": 0.5}, "trim_fraction"),
+                     ({"norm_factor": 0.5}, "norm_factor"), ({"norm_factor": float("nan")}, "norm_factor"),
+                     ({"aggregation": "median", "refine_aggregation": "eq2"}, "refine_aggregation")]:
+        with pytest.raises(ConfigError, match=f"federation.{key}"):
+            FederationSettings(**bad)
