@@ -176,8 +176,9 @@ def _directed_cdist_mm(
 ) -> torch.Tensor:
     """Directed distances a->b then b->a per pair, from all pairs of edge points (chunked cdist)."""
     spacing_dir = torch.cat([spacing, spacing])
-    queries, valid = _padded_points_mm(torch.cat([edges_a & ~edges_b, edges_b & ~edges_a]), spacing_dir)
-    points, _ = _padded_points_mm(torch.cat([edges_b, edges_a]), spacing_dir)
+    targets = torch.cat([edges_b, edges_a])
+    queries, valid = _padded_points_mm(_queries(edges_a, edges_b, targets), spacing_dir)
+    points, _ = _padded_points_mm(targets, spacing_dir)
     n, n_queries, _ = queries.shape
     step = max(1, chunk // max(n * points.shape[1], 1))
     exact = "donot_use_mm_for_euclid_dist"  # the matrix-product shortcut loses precision
@@ -189,6 +190,14 @@ def _directed_cdist_mm(
     owner = torch.arange(n, device=nearest.device)[:, None].expand_as(nearest)
     n_zero = (edges_a & edges_b).flatten(1).sum(1).repeat(2) if percentile is not None else None
     return _reduce_directed(nearest[valid], owner[valid], n, n_zero, percentile)
+
+
+def _queries(edges_a: torch.Tensor, edges_b: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Edge voxels to search from, a->b then b->a: those not shared by the other structure, in pairs
+    whose other structure is not empty (such pairs get the empty cap; searching them would scan the
+    whole grid for every edge voxel without ever finding a target)."""
+    has_target = targets.flatten(1).any(dim=1).view(-1, 1, 1, 1)
+    return torch.cat([edges_a & ~edges_b, edges_b & ~edges_a]) & has_target
 
 
 def _padded_points_mm(masks: torch.Tensor, spacing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +225,7 @@ def _directed_window_mm(
     targets = torch.cat([edges_b, edges_a])
     n, n_z, n_h, n_w = targets.shape
     gaps = _row_gaps_px(targets).view(-1)
-    problem, z, h, w = torch.cat([edges_a & ~edges_b, edges_b & ~edges_a]).nonzero(as_tuple=True)
+    problem, z, h, w = _queries(edges_a, edges_b, targets).nonzero(as_tuple=True)
     flat = ((problem * n_z + z) * n_h + h) * n_w + w
     s_z, s_h, s_w = torch.cat([spacing, spacing]).to(torch.float32)[problem].unbind(1)
     ratio = float((spacing[:, 1] / spacing[:, 0]).max()) if n else 0.0  # host synchronisation
