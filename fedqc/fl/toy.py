@@ -13,7 +13,10 @@ node_config: ``site-id``, ``seed`` (int), ``labelled`` (bool, default true), ``s
 ``num-cases`` (int, default 24), ``flag-below`` (pseudo-Dice under which a case is flagged,
 default 0.9), ``work-dir``, ``fail-task`` (a Task value this site fails on, for fault tests: the
 exception message names a private path, which must never reach the coordinator), ``leak``
-(bool: SUPERVISED also returns the site's images as an array; the plumbing must refuse to send it).
+(bool: SUPERVISED also returns the site's images as an array; the plumbing must refuse to send it),
+``delay-s`` / ``delay-task`` (sleep this long in the first such task, after writing ``<work-dir>/busy``:
+lets fault tests kill a site mid-round; a ``delayed`` marker in the work dir keeps a restarted site
+from sleeping again).
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ class ToySiteAlgo:
         self.width = int(run_config.get("width", 4))
         self.fail_task = str(node_config.get("fail-task", ""))
         self.leak = bool(node_config.get("leak", False))
+        self.delay_s = float(node_config.get("delay-s", 0.0))
+        self.delay_task = str(node_config.get("delay-task", Task.SUPERVISED.value))
         rng = np.random.default_rng(int(node_config.get("seed", 0)))
         n = int(node_config.get("num-cases", 24))
         yy, xx = np.mgrid[:SIZE, :SIZE]
@@ -103,6 +108,8 @@ class ToySiteAlgo:
         started = time.perf_counter()
         if task == self.fail_task:
             raise RuntimeError(f"toy failure reading /private/{self.site}/patient-0001.nii.gz")
+        if self.delay_s > 0 and task == self.delay_task:
+            self._delay_once()
         torch.manual_seed(int(config.get(ConfigKey.SEED, 0)) + int(config.get(ConfigKey.SERVER_ROUND, 0)))
         epochs = int(config.get(ConfigKey.LOCAL_EPOCHS, 1))
         if weights is None and epochs == 0 and task in (Task.SUPERVISED, Task.QC_AUTOENCODER):
@@ -189,6 +196,17 @@ class ToySiteAlgo:
         return SiteReply(metrics={MetricKey.NUM_CASES.value: len(self.images), MetricKey.NUM_FLAGGED.value: int(flagged.sum())})
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    def _delay_once(self) -> None:
+        from pathlib import Path
+
+        work = Path(self.work_dir or ".")
+        if (work / "delayed").exists():
+            return
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "busy").write_text(str(time.time()))
+        time.sleep(self.delay_s)
+        (work / "delayed").write_text(str(time.time()))
 
     def _candidates(self, weights: Mapping, config: Mapping) -> list[nn.Module]:
         models = []

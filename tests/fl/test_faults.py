@@ -1,0 +1,167 @@
+"""Faults on loopback with real processes: the coordinator killed -9 mid-run, a site killed mid-round.
+
+The coordinator runs as its own process (``run_server``, what ``fedqc-server`` calls after reading
+its YAML) with the toy site algorithm; the sites are real SuperNodes. Every process a test started
+is gone at the end and every port is free (the test checks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedqc.fl import processes
+from fedqc.fl.launch import SuperNode
+from fedqc.fl.local import one_round_each, toy_sites
+from fedqc.fl.settings import ClientSettings
+
+pytestmark = pytest.mark.slow
+
+SERVER = """
+import sys
+from pathlib import Path
+from fedqc.fl.launch import run_server
+from fedqc.fl.settings import FederationSettings, ServerSettings
+run_dir, port, resume = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "resume"
+settings = ServerSettings(host="127.0.0.1", port=port, federation=FederationSettings.from_json(sys.argv[4]))
+sys.exit(run_server(None, run_dir, True, settings=settings, resume=resume, max_seconds=600))
+"""
+
+
+def _server(tmp_path: Path, run_dir: Path, port: int, resume: bool) -> subprocess.Popen:
+    log = open(tmp_path / f"server-{'resume' if resume else 'first'}.log", "w")  # noqa: SIM115 (closed by the OS)
+    return subprocess.Popen([sys.executable, "-c", SERVER, str(run_dir), str(port), "resume" if resume else "new",
+                             str(tmp_path / "federation.json")], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _node(tmp_path: Path, site: dict, port: int) -> SuperNode:
+    site_id = str(site["site-id"])
+    settings = ClientSettings(site_id=site_id, superlink=f"127.0.0.1:{port}", work_dir=tmp_path / "sites" / site_id,
+                              node_config={k: v for k, v in site.items() if k != "site-id"},
+                              port=processes.free_port(), max_retries=100, max_wait_s=600)
+    return SuperNode(settings, insecure=True).start()
+
+
+def _log(run_dir: Path) -> list[dict]:
+    try:
+        return json.loads((run_dir / "log.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _crash(pid: int) -> list[int]:
+    """kill -9 a process and all its descendants at once (freeze first, so none reacts)."""
+    tree = processes.descendants(pid) + [pid]
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+def _assert_gone(pids: list[int], ports: list[int]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(processes.alive(p) for p in pids):
+        time.sleep(0.2)
+    assert [p for p in pids if processes.alive(p)] == []
+    assert [p for p in ports if not processes.port_is_free("127.0.0.1", p)] == []
+
+
+def test_coordinator_killed_mid_run_resumes_from_the_last_completed_round(tmp_path):
+    run_dir, port = tmp_path / "run", processes.free_port()
+    one_round_each(min_sites=2, supervised_rounds=4, m_best=2, node_wait_s=120,
+                   round_timeout_s=120).to_json(tmp_path / "federation.json")
+    nodes = [_node(tmp_path, site, port) for site in toy_sites(2)]
+    pids: list[int] = [n.proc.pid for n in nodes]
+    try:
+        first = _server(tmp_path, run_dir, port, resume=False)
+        supervised = lambda: [r for r in _log(run_dir) if r["phase"] == "supervised" and "error" not in r]  # noqa: E731
+        _wait(lambda: len(supervised()) >= 2, 300, "two supervised rounds")
+        state_before = json.loads((run_dir / "state.json").read_text())
+        log_before = _log(run_dir)
+        pids += _crash(first.pid)
+        first.wait(timeout=10)
+        assert state_before["phase"] == "supervised"
+
+        second = _server(tmp_path, run_dir, port, resume=True)
+        code = second.wait(timeout=600)
+        pids += [second.pid]
+        assert code == 0, (tmp_path / "server-resume.log").read_text()[-3000:]
+    finally:
+        for node in nodes:
+            node.stop()
+            pids += node.stopped_pids
+    log = _log(run_dir)
+    saved = [r for r in log_before if r["server_round"] <= state_before["server_round"]]
+    assert log[:len(saved)] == saved  # nothing saved before the crash was lost or rewritten
+    rounds = [r["round"] for r in log if r["phase"] == "supervised" and "error" not in r]
+    assert rounds == [1, 2, 3, 4]  # each round once: the interrupted one re-run, none skipped
+    assert [r["phase"] for r in log] == ["init"] + ["supervised"] * 4 + ["supervised-evaluate", "qc-autoencoder",
+                                                                         "refine", "predict"]
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["phase"] == "done"
+    scored_before = {k: v for k, v in state_before["best"]["scores"].items() if v is not None}
+    assert scored_before and all(state["best"]["scores"][k] == v for k, v in scored_before.items())
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    for site in toy_sites(2):
+        assert (tmp_path / "sites" / str(site["site-id"]) / "predictions.npz").is_file()
+    _assert_gone(pids, [port] + [n.settings.port for n in nodes])
+
+
+def test_a_site_killed_mid_round_is_named_the_round_finishes_and_the_site_rejoins(tmp_path):
+    run_dir, port = tmp_path / "run", processes.free_port()
+    one_round_each(min_sites=2, supervised_rounds=4, node_wait_s=120,
+                   round_timeout_s=45).to_json(tmp_path / "federation.json")
+    sites = toy_sites(3)
+    sites[1].update({"delay-s": 300.0, "delay-task": "supervised"})
+    nodes = [_node(tmp_path, site, port) for site in sites]
+    pids: list[int] = [n.proc.pid for n in nodes]
+    victim = tmp_path / "sites" / "site1"
+    rejoined = None
+    try:
+        server = _server(tmp_path, run_dir, port, resume=False)
+        _wait(lambda: (victim / "busy").is_file(), 300, "site1 to start its supervised work")
+        pids += _crash(nodes[1].proc.pid)
+        (victim / "delayed").write_text("killed")  # the restarted site works at normal speed
+        _wait(lambda: any(r["phase"] == "supervised" for r in _log(run_dir)), 300, "the round to finish")
+        rejoined = _node(tmp_path, sites[1], port)
+        code = server.wait(timeout=600)
+        pids += [server.pid]
+        assert code == 0, (tmp_path / "server-first.log").read_text()[-3000:]
+    finally:
+        for node in [n for n in nodes if n is not nodes[1]] + ([rejoined] if rejoined else []):
+            node.stop()
+            pids += node.stopped_pids
+    log = _log(run_dir)
+    first = next(r for r in log if r["phase"] == "supervised")
+    assert "site1" in first["missing"] + list(first["failed"])
+    assert sorted(first["aggregated_from"]) == ["site0"]  # site2 is unlabelled: nothing to aggregate
+    assert "site1" in json.dumps(first) and first["sites"].keys() >= {"site0", "site2"}
+    named = [n for r in log for n in list(r.get("failed", {})) + r.get("missing", [])]
+    assert named and set(named) == {"site1"}  # a failure the SuperLink reports is named by the site it concerns
+    later = [r for r in log[log.index(first) + 1:] if "site1" in r.get("sites", {})]
+    assert later, "the restarted site never took part again"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    _assert_gone(pids, [port] + [n.settings.port for n in nodes])
