@@ -150,8 +150,7 @@ class SiteExchange:
         while pending:
             replies = self._send(task, config, weights, ae, pending, outcome, deadline, per_node or {})
             pending = {}
-            for reply in replies:
-                node = reply.metadata.src_node_id
+            for node, reply in replies:
                 if reply.has_error():
                     reason = str(reply.error.reason)
                     named = re.match(r"site ([A-Za-z0-9_-]+): ", reason)
@@ -186,7 +185,12 @@ class SiteExchange:
 
     def _send(self, task: str, config: Mapping[str, Scalar], weights: Mapping[str, np.ndarray] | None,
               ae: Mapping[str, np.ndarray] | None, with_ae: Mapping[int, bool], outcome: Outcome,
-              deadline: float, per_node: Mapping[int, Mapping[str, Scalar]]) -> list[Message]:
+              deadline: float, per_node: Mapping[int, Mapping[str, Scalar]]) -> list[tuple[int, Message]]:
+        """Send and gather; each reply comes with the node it answers for.
+
+        An error the SuperLink writes itself (e.g. a node that stopped sending heartbeats) has the
+        SuperLink as its source: the node is found from the message the reply answers.
+        """
         messages = []
         for node, attach in with_ae.items():
             node_config = {**config, **per_node.get(node, {})}
@@ -198,7 +202,9 @@ class SiteExchange:
                 outcome.ae_sent_to.append(self.name(node))
             messages.append(Message(content, dst_node_id=node, message_type=_MESSAGE_TYPES[task]))
         timeout = max(1.0, deadline - time.monotonic())
-        return list(self.grid.send_and_receive(messages, timeout=timeout))
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
+        return [(sent_to.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
 
     def _unpack(self, node: int, reply: Message) -> SiteAnswer:
         content = reply.content
