@@ -8,6 +8,7 @@ Every user-facing failure is a :class:`fedqc.errors.FedqcError`, printed as one 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -152,10 +153,15 @@ def _run(func: Callable[[], int]) -> int:
 
 
 def _line_buffered() -> None:
-    """Progress lines reach a log file or pipe as they are printed, not in 8 KB blocks."""
+    """Progress lines reach a log file or pipe as they are printed, not in 8 KB blocks.
+
+    Also tightens the umask so that every file this process and its children (Flower's daemons,
+    Ray) create is readable by its owner only: predictions, QC reports and logs are patient data.
+    """
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
+    os.umask(os.umask(0) | 0o077)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

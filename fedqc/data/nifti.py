@@ -298,7 +298,6 @@ def _write(path: Path, data: np.ndarray, header: nib.Nifti1Header, reference: Vo
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
         os.close(fd)
         nib.save(img, tmp_name)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp_name, path)
     except Exception as exc:
         if tmp_name is not None:
