@@ -4,7 +4,7 @@ For every case and every candidate segmenter, the candidate's prediction is reco
 frozen QC autoencoder, and the agreement between prediction and reconstruction gives the pseudo
 Dice (pDC) and pseudo Hausdorff distance in mm (pHD). This is the hot loop of refinement (every
 epoch, every candidate, every case), so networks run batched over slices and the metrics for all
-cases run together on the CPU threads (or on the GPU path when the device is CUDA).
+cases run together on the CPU threads, or on the device when it is CUDA (see :func:`score_cases`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def qc_percentile(cfg: QCConfig) -> float | None:
 
 
 @torch.no_grad()
-def segment(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 32) -> torch.Tensor:
+def segment(model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
+            batch_size: int = 32) -> torch.Tensor:
     """Softmax probabilities (Z, C, H, W) for a stack of slices (Z, H, W), on ``device``."""
     model.eval()
     x = torch.as_tensor(images, dtype=torch.float32, device=device)[:, None]
@@ -71,20 +72,76 @@ class CaseScores:
 def score_cases(models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
                 cases: Sequence[PreparedCase], cfg: QCConfig, device: torch.device,
                 batch_size: int = 32) -> CaseScores:
-    """pDC and pHD (mm) of each candidate model's prediction on each case."""
-    pairs = []
-    for case in cases:
-        for model in models:
-            pred = segment(model, case.images, device, batch_size).argmax(1)
-            recon = reconstruct(autoencoder, pred, batch_size).argmax(1)
-            pairs.append((pred.to(torch.uint8).cpu().numpy(), recon.to(torch.uint8).cpu().numpy(), case.spacing_mm))
+    """pDC and pHD (mm) of each candidate model's prediction on each case.
+
+    All slices of all cases go to the device at once and through each network in batches; only
+    uint8 label maps are kept. On CUDA the metrics run there too (:mod:`fedqc.qc.metrics_torch`,
+    stacks padded with background slices) and only the scores come back; elsewhere the label maps
+    come back once and the metrics use every CPU thread. Single-slice cases (long axis) are scored
+    in 2D, in a group of their own.
+    """
     m = len(models)
-    if not pairs:
-        empty = np.zeros((0, m))
-        return CaseScores([], empty, empty.copy())
+    pdc, phd = np.zeros((len(cases), m)), np.zeros((len(cases), m))
+    for planar in (False, True):
+        index = [i for i, c in enumerate(cases) if (c.images.shape[0] == 1) == planar]
+        if not index:
+            continue
+        group = [cases[i] for i in index]
+        sizes = np.array([c.images.shape[0] for c in group])
+        spacing = np.array([c.spacing_mm for c in group], dtype=np.float64)
+        x = torch.from_numpy(np.concatenate([c.images for c in group]).astype(np.float32, copy=False)).to(device)
+        preds, recons = [], []
+        for model in models:
+            pred = _labels(lambda chunk: segment(model, chunk, device, batch_size), x)
+            preds.append(pred)
+            recons.append(_labels(lambda chunk: reconstruct(autoencoder, chunk, batch_size), pred))
+        if device.type == "cuda":
+            p, h = _device_scores(torch.stack(preds), torch.stack(recons), sizes, spacing, planar, cfg)
+        else:
+            p, h = _host_scores(torch.stack(preds).cpu().numpy(), torch.stack(recons).cpu().numpy(), sizes,
+                                spacing, cfg)
+        pdc[index], phd[index] = p.reshape(m, -1).T, h.reshape(m, -1).T
+    return CaseScores([c.case_id for c in cases], pdc, phd)
+
+
+def _labels(network, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """argmax label maps (uint8) of ``network`` over ``x`` in chunks (never all probabilities at once)."""
+    return torch.cat([network(x[i:i + chunk]).argmax(1).to(torch.uint8) for i in range(0, x.shape[0], chunk)])
+
+
+def _host_scores(preds: np.ndarray, recons: np.ndarray, sizes: np.ndarray, spacing: np.ndarray,
+                 cfg: QCConfig) -> tuple[np.ndarray, np.ndarray]:
+    """CPU metrics of (m, slices, H, W) label maps, one (pred, recon) pair per candidate and case."""
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    pairs = [(preds[k, lo:hi], recons[k, lo:hi], tuple(sp)) for k in range(preds.shape[0])
+             for lo, hi, sp in zip(bounds[:-1], bounds[1:], spacing)]
     pdc, phd = pseudo_scores_batch(pairs, classes=qc_classes(cfg), percentile=qc_percentile(cfg))
-    return CaseScores([c.case_id for c in cases], np.asarray(pdc).reshape(len(cases), m),
-                      np.asarray(phd).reshape(len(cases), m))
+    return np.asarray(pdc), np.asarray(phd)
+
+
+def _device_scores(preds: torch.Tensor, recons: torch.Tensor, sizes: np.ndarray, spacing: np.ndarray,
+                   planar: bool, cfg: QCConfig) -> tuple[np.ndarray, np.ndarray]:
+    """metrics_torch of (m, slices, H, W) label maps on their device; only the scores come back."""
+    from fedqc.qc.metrics_torch import pseudo_scores_torch
+
+    m, device = preds.shape[0], preds.device
+    grid = np.stack([sizes, *[np.full_like(sizes, n) for n in preds.shape[2:]]], 1)
+    pdc, phd = pseudo_scores_torch(
+        _padded(preds, sizes, planar), _padded(recons, sizes, planar),
+        torch.as_tensor(np.tile(spacing, (m, 1)), device=device), qc_classes(cfg), qc_percentile(cfg),
+        shape_zhw=torch.as_tensor(np.tile(grid, (m, 1)), device=device))
+    return pdc.double().cpu().numpy(), phd.double().cpu().numpy()
+
+
+def _padded(maps: torch.Tensor, sizes: np.ndarray, planar: bool) -> torch.Tensor:
+    """(m, N, H, W) slices of all cases -> (m * cases, Zmax, H, W) stacks padded with background."""
+    if planar:
+        return maps.flatten(0, 1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    z = np.arange(sizes.max())
+    index = np.where(z[None] < sizes[:, None], starts[:, None] + z[None], maps.shape[1])
+    padded = torch.cat([maps, maps.new_zeros(maps.shape[0], 1, *maps.shape[2:])], dim=1)
+    return padded[:, torch.as_tensor(index, device=maps.device)].flatten(0, 1)
 
 
 def candidate_outputs(models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module, case: PreparedCase,
