@@ -1,0 +1,137 @@
+"""Flower's cost per round: the real method through the Deployment Engine vs the same work without Flower.
+
+One hospital of N simulated subjects (default 50, the consortium preset at the chosen config's image
+size) trains the shared segmenters for R supervised rounds of E local epochs:
+
+* **deployment**: a real SuperLink and one real SuperNode on 127.0.0.1 (``run_local_federation``),
+  the real site algorithm (``fedqc.site:make_site_algo``): a fresh ClientApp process per message,
+  which imports torch, rebuilds the site from its disk cache and trains;
+* **local**: the same site algorithm in this process, the same tasks with the same configs
+  (validation of the received weights first, then training), no Flower: the work itself.
+
+Reported: seconds per round both ways, the overhead ratio ``deployment / local - 1``, Flower's fixed
+cost per exchange (the round's wall time minus the site's own reported work), and bytes sent per
+client per round against the model's size. Rounds after the first are compared (the first also
+builds the site's cache in both modes).
+
+    python benchmarks/bench_federation.py --out runs/bench_federation              # ~50 subjects
+    python benchmarks/bench_federation.py --subjects 4 --rounds 2 --config configs/quickstart.yaml --out /tmp/bf
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _site(config_path: Path, data: Path, subjects: int, preset: str, seed: int):
+    from fedqc.config import load_config
+    from fedqc.data.simulator import simulate_dataset
+
+    if not (data / "done").is_file():
+        simulate_dataset(data, preset=preset, subjects_per_centre=subjects, seed=seed)
+        (data / "done").write_text("ok")
+    config = load_config(config_path, check_paths=False)
+    site = dataclasses.replace(config.sites[0], name="bench", root=data, filter={"CENTRE": 1}, labelled=True)
+    return dataclasses.replace(config, sites=(site,), simulated=None), site
+
+
+def local_rounds(settings, node: dict, rounds: int) -> list[dict]:
+    """The site's work for ``rounds`` supervised rounds, in this process."""
+    from fedqc.exchange import ConfigKey, Task
+    from fedqc.fl.appdir import run_config, site_run_config
+    from fedqc.fl.site_runner import load_factory
+
+    started = time.perf_counter()
+    algo = load_factory(settings.site_factory)(node, site_run_config(run_config(settings, Path(node["work-dir"]))))
+    init = algo.run(Task.SUPERVISED, None, {ConfigKey.LOCAL_EPOCHS.value: 0, ConfigKey.SEED.value: settings.seed})
+    weights = {k: v for k, v in init.weights.items() if not k.startswith("ae/")}
+    times = [{"round": 0, "seconds": round(time.perf_counter() - started, 3), "what": "build + initial weights"}]
+    for r in range(1, rounds + 1):
+        config = {ConfigKey.PHASE_ROUND.value: r, ConfigKey.SERVER_ROUND.value: r + 1, ConfigKey.SEED.value: settings.seed,
+                  ConfigKey.LOCAL_EPOCHS.value: settings.local_epochs, ConfigKey.PROXIMAL_MU.value: 0.0,
+                  ConfigKey.NUM_CANDIDATES.value: 0}
+        started = time.perf_counter()
+        if r > 1:
+            algo.run(Task.EVALUATE, weights, config)
+        reply = algo.run(Task.SUPERVISED, weights, config)
+        weights = {k: v for k, v in reply.weights.items() if k in weights}
+        times.append({"round": r, "seconds": round(time.perf_counter() - started, 3)})
+    return times
+
+
+def deployment_rounds(settings, node: dict, run_dir: Path) -> tuple[list[dict], dict]:
+    """The same rounds through a real SuperLink and SuperNode; per-round figures from the run's log."""
+    from fedqc.fl.local import run_local_federation
+
+    run = run_local_federation(run_dir, [{"site-id": "bench", **node}], settings, echo=lambda _: None,
+                               max_seconds=3600)
+    if run.status.get("status") != "finished:completed":
+        raise SystemExit(f"deployment run did not complete: {run.status}; see {run_dir}/logs")
+    rows = json.loads((run.run_dir / "log.json").read_text())
+    out = []
+    for row in rows:
+        site = row["sites"].get("bench", {})
+        work = site.get("metrics", {}).get("seconds", 0.0) + site.get("val_metrics", {}).get("seconds", 0.0)
+        out.append({"phase": row["phase"], "round": row["round"], "seconds": row["seconds"],
+                    "site_work_s": round(work, 3), "sent_bytes": row["sent_bytes_per_site"],
+                    "reply_bytes": site.get("reply_bytes", 0), "model_bytes": row["model_bytes"]})
+    return out, {"wall_s": round(run.seconds, 1), "network": run.status.get("network-traffic")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=Path("configs/simulation.yaml"))
+    parser.add_argument("--subjects", type=int, default=50)
+    parser.add_argument("--preset", default="consortium")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    import torch
+
+    from fedqc.federation import federation_settings, node_config
+
+    torch.set_num_threads(args.threads)
+    out = args.out.resolve()
+    config, site = _site(args.config, out / "data", args.subjects, args.preset, seed=0)
+    settings = dataclasses.replace(federation_settings(config), supervised_rounds=args.rounds, ae_rounds=0,
+                                   refine_rounds=0, predict=False, local_epochs=args.local_epochs, min_sites=1,
+                                   torch_threads=args.threads, node_wait_s=300, round_timeout_s=3600)
+    node = {**node_config(site, config.views), "work-dir": str(out / "local-site")}
+    local = local_rounds(settings, node, args.rounds)
+    deploy_node = {k: v for k, v in node.items() if k != "work-dir"}
+    deployed, run = deployment_rounds(settings, deploy_node, out / "deployment")
+
+    sup = [r for r in deployed if r["phase"] == "supervised"]
+    steady_local = float(np.mean([r["seconds"] for r in local[2:]] or [local[-1]["seconds"]]))
+    steady_deploy = float(np.mean([r["seconds"] for r in sup[1:]] or [sup[-1]["seconds"]]))
+    fixed = float(np.mean([r["seconds"] - r["site_work_s"] for r in deployed if r["phase"] != "init"]))
+    result = {
+        "config": str(args.config), "subjects": args.subjects, "rounds": args.rounds, "local_epochs": args.local_epochs,
+        "threads": args.threads, "local_rounds": local, "deployment_rounds": deployed, "deployment": run,
+        "round_s_local": round(steady_local, 2), "round_s_deployment": round(steady_deploy, 2),
+        "overhead_ratio": round(steady_deploy / steady_local - 1, 3),
+        "fixed_cost_per_exchange_s": round(fixed, 2),
+        "bytes_sent_per_round_vs_model": round(sup[-1]["sent_bytes"] / sup[-1]["model_bytes"], 4),
+        "bytes_replied_per_round_vs_model": round(sup[-1]["reply_bytes"] / sup[-1]["model_bytes"], 4),
+        "model_mib": round(sup[-1]["model_bytes"] / 2**20, 2),
+    }
+    (out / "bench_federation.json").write_text(json.dumps(result, indent=2))
+    print(f"| subjects | local epochs | round, local (s) | round, deployment (s) | overhead | fixed cost per "
+          f"exchange (s) | sent / model | reply / model |\n|---|---|---|---|---|---|---|---|\n"
+          f"| {args.subjects} | {args.local_epochs} | {steady_local:.1f} | {steady_deploy:.1f} | "
+          f"{100 * result['overhead_ratio']:.0f}% | {fixed:.1f} | {result['bytes_sent_per_round_vs_model']:.3f} | "
+          f"{result['bytes_replied_per_round_vs_model']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
