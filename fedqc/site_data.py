@@ -147,6 +147,10 @@ def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_l
             split.pool.append(prepare_case(case, spec, False, cache_dir=cache_dir))
         if progress and (i + 1) % 50 == 0:
             progress(f"  {site.name} {view}: prepared {i + 1}/{len(cases)} cases")
+    labelled = split.train + split.val
+    if labelled and not any(np.any(c.labels) for c in labelled):
+        raise DataError(site.root, f"every {view} label map of the labelled site {site.name!r} is empty (all 0): "
+                                   "check the label files, or set the site's label_remap (docs/DATA.md)")
     if progress:
         progress(f"  {site.name} {view}: train {len(split.train)}, val {len(split.val)}, "
                  f"pool {len(split.pool)}, test {len(split.test)} cases")
