@@ -16,7 +16,8 @@ exception message names a private path, which must never reach the coordinator),
 (bool: SUPERVISED also returns the site's images as an array; the plumbing must refuse to send it),
 ``delay-s`` / ``delay-task`` (sleep this long in the first such task, after writing ``<work-dir>/busy``:
 lets fault tests kill a site mid-round; a ``delayed`` marker in the work dir keeps a restarted site
-from sleeping again).
+from sleeping again), ``poison`` (``scale``: SUPERVISED returns global + 1000 x its step; ``nan``:
+one NaN in its weights; a broken or hostile site that the coordinator must refuse).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class ToySiteAlgo:
         self.width = int(run_config.get("width", 4))
         self.fail_task = str(node_config.get("fail-task", ""))
         self.leak = bool(node_config.get("leak", False))
+        self.poison = str(node_config.get("poison", ""))
         self.delay_s = float(node_config.get("delay-s", 0.0))
         self.delay_task = str(node_config.get("delay-task", Task.SUPERVISED.value))
         rng = np.random.default_rng(int(node_config.get("seed", 0)))
@@ -129,6 +131,11 @@ class ToySiteAlgo:
         _load(model, weights, SEG)
         loss = self._fit(model, self.train_idx, epochs, float(config.get(ConfigKey.PROXIMAL_MU, 0.0)))
         out = _state(model, SEG)
+        if self.poison == "scale":
+            out = {k: (weights[k] + 1000.0 * (v - weights[k])).astype(v.dtype) if v.dtype.kind == "f" else v
+                   for k, v in out.items()}
+        elif self.poison == "nan":
+            out[SEG + "conv.weight"].flat[0] = np.nan
         if self.leak:
             out[SEG + "images"] = self.images.numpy()
         return SiteReply(weights=out, metrics={MetricKey.NUM_EXAMPLES.value: len(self.train_idx),
