@@ -88,6 +88,17 @@ def test_tls_with_site_authentication(tmp_path):
     _check_run(run, sites)
     config = (tmp_path / "run" / ".flwr" / "config.toml").read_text()
     assert "root-certificates" in config and "insecure" not in config
+    # Keys are read from their paths, never copied into logs, configs or messages.
+    pki = tmp_path / "run" / "pki"
+    secrets = {line for key in pki.rglob("*") if key.is_file() and "PRIVATE KEY" in key.read_text(errors="ignore")
+               for line in key.read_text().splitlines() if len(line) > 40 and "PRIVATE KEY" not in line}
+    assert len(secrets) > 4
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file() and pki not in path.parents:
+            text = path.read_bytes().decode(errors="ignore")
+            assert not any(line in text for line in secrets), f"{path} holds private key material"
+    private = [p for p in pki.rglob("*") if p.is_file() and "PRIVATE KEY" in p.read_text(errors="ignore")]
+    assert len(private) == 4 and all(p.stat().st_mode & 0o077 == 0 for p in private)  # certificates stay public
 
 
 def test_an_unregistered_site_is_refused(tmp_path):
