@@ -103,3 +103,21 @@ def test_help_is_instant_and_lists_commands(capsys):
                            capture_output=True, text=True)
     assert check.stdout.strip() == "False"
     assert time.perf_counter() - start < 60
+
+
+def test_server_and_client_refuse_to_run_without_tls_unless_told(tmp_path, capsys, write_config, tiny_data):
+    from fedqc.cli import client_main, server_main
+    from tests.conftest import tiny_config_dict
+
+    method = write_config(tiny_config_dict(tiny_data))
+    server = tmp_path / "server.yaml"
+    server.write_text(f"method: {method}\nrun_dir: {tmp_path / 'run'}\nport: 9\n")
+    assert server_main(["--config", str(server)]) == 2
+    err = capsys.readouterr().err
+    assert "tls" in err and "TLS is on by default" in err and "--insecure" in err
+    site = tmp_path / "site.yaml"
+    site.write_text(f"site: {{name: a, root: {tiny_data}, labelled: true}}\nsuperlink: 127.0.0.1:9\n")
+    assert client_main(["--config", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert "ca_cert" in err and "TLS is on by default" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was started or written
