@@ -169,10 +169,14 @@ def _candidates(site: FedqcSite, weights: dict, view: str, m: int) -> list[torch
             for i in range(m)]
 
 
-def site_fences(site: FedqcSite, view: str, models, ae):
-    """The site's fences for ``view``: fitted once on its own data and kept in its work dir."""
+def site_fences(site: FedqcSite, view: str, models, ae, pool_scores=None):
+    """The site's fences for ``view``: fitted once on its own data and kept in its work dir.
+
+    ``pool_scores``: the pool's scores under these models when the caller has them already (they
+    are reused when the fences come from the pool, saving a scoring pass).
+    """
     from fedqc.method import fit_thresholds
-    from fedqc.qc.thresholds import Thresholds
+    from fedqc.qc.thresholds import Thresholds, fit_from_candidates
 
     path = site.work_dir / "thresholds" / f"{view}.json"
     if path.is_file():
@@ -181,6 +185,9 @@ def site_fences(site: FedqcSite, view: str, models, ae):
     # A labelled site without unlabelled cases (or under the labelled-val source) uses its validation cases.
     if split.val and (site.config.qc.threshold_source == "labelled-val" or not split.pool):
         th = fit_thresholds(site.config, models, ae, split.val, "labelled-val", site.device)
+    elif pool_scores is not None:
+        th = fit_from_candidates(pool_scores.pdc, pool_scores.phd, factor=site.config.qc.tukey_factor,
+                                 source="unlabelled")
     else:
         th = fit_thresholds(site.config, models, ae, split.pool, "unlabelled", site.device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,8 +210,8 @@ def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs:
         pool = site.split(view).pool
         flagged = []
         if pool:
-            th = site_fences(site, view, models, ae)
             scores = score_cases(models, ae, pool, site.config.qc, site.device)
+            th = site_fences(site, view, models, ae, pool_scores=scores)
             flagged = [c for c, f in zip(pool, flag_ood(scores.pdc, scores.phd, th)) if f]
         n_cases += len(pool)
         n_flagged += len(flagged)
