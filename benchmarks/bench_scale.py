@@ -1,8 +1,8 @@
 """Scale: the simulated federation with 2, 4, 8, 16 sites, and with more cases per site.
 
 Each point is a real ``fedqc simulate`` run (the real method on Flower's simulation engine) with a
-short protocol (2 supervised rounds, 1 autoencoder round, 1 refinement round, inference, report) on
-quickstart-preset data. Sites are the simulator's 4 centres of as many data sets as needed (seeds
+short protocol (short axis only; 1 supervised round, 1 autoencoder round, 1 refinement round,
+inference, report) on quickstart-preset data. Sites are the simulator's 4 centres of as many data sets as needed (seeds
 0, 1, ...), half of them labelled. While a run goes, the resident memory of its whole process tree
 (the command, Ray's workers and actors) is sampled every 0.5 s; the peak is reported with the wall
 time per round (from the run's log) and the total.
@@ -10,7 +10,7 @@ time per round (from the run's log) and the total.
 Ratios are against the first point of each series (2 sites; the fewest cases per site), so the
 table says directly whether time and memory grow linearly.
 
-    python benchmarks/bench_scale.py --out runs/bench_scale                       # ~30 min on 2 cores
+    python benchmarks/bench_scale.py --out runs/bench_scale                       # ~15 min on 2 cores
     python benchmarks/bench_scale.py --sites 2 --cases-series --out /tmp/bs          # one point
 """
 
@@ -27,20 +27,7 @@ from pathlib import Path
 
 import yaml
 
-
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants (MiB; shared pages counted per process)."""
-    from fedqc.fl.processes import descendants
-
-    total = 0
-    for p in [pid, *descendants(pid)]:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
+from fedqc.fl.processes import tree_rss_mib
 
 
 def config_for(n_sites: int, subjects: int, data: Path) -> dict:
@@ -50,11 +37,11 @@ def config_for(n_sites: int, subjects: int, data: Path) -> dict:
         root = data / f"set{i // 4}-n{subjects}"
         sites.append({"name": f"site{i:02d}", "root": str(root), "filter": {"CENTRE": i % 4 + 1},
                       "labelled": i % 4 in (0, 1), "test_fraction": 0.25 if i % 4 in (0, 1) else 0.5})
-    return {"sites": sites, "views": ["SA", "LA"], "preprocess": {"spacing_mm": 2.0, "size_px": 96},
+    return {"sites": sites, "views": ["SA"], "preprocess": {"spacing_mm": 2.0, "size_px": 96},
             "model": {"preset": "unet"}, "train": {"batch_size": 16, "lr": 0.002, "m_best": 2, "val_fraction": 0.25},
             "qc": {"ae_lr": 0.001, "classes": "rv", "threshold_source": "labelled-val"},
             "refine": {"k_semi": 1, "lr": 0.0002},
-            "federation": {"supervised_rounds": 2, "ae_rounds": 1, "local_epochs": 1, "min_sites": n_sites}}
+            "federation": {"supervised_rounds": 1, "ae_rounds": 1, "local_epochs": 1, "min_sites": n_sites}}
 
 
 def ensure_data(data: Path, n_sites: int, subjects: int) -> None:
@@ -104,7 +91,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--subjects", type=int, default=12, help="subjects per centre in the sites series "
                         "(at least 12: a labelled site's validation split needs 4 cases for its fences)")
-    parser.add_argument("--cases-series", type=int, nargs="*", default=[12, 24, 48],
+    parser.add_argument("--cases-series", type=int, nargs="*", default=[12, 24],
                         help="subjects per centre for the cases series (4 sites); empty: skip")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -138,8 +138,8 @@ def main() -> None:
                                              autocast, channels_last, compile_model))
             except Exception as err:  # a variant failing (e.g. compile) must not hide the others
                 results.append({"preset": preset, "variant": f"compile={compile_model}", "error": repr(err)})
-    print(f"| preset | variant | batch | bare img/s | fedqc img/s | ratio | fedqc+aug img/s | augment-only img/s "
-          f"| aug share |\n|---|---|---|---|---|---|---|---|---|")
+    print("| preset | variant | batch | bare img/s | fedqc img/s | ratio | fedqc+aug img/s | augment-only img/s "
+          "| aug share |\n|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['preset']} | {r['variant']} | error: {r['error'][:80]} |")

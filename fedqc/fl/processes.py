@@ -146,3 +146,16 @@ def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen
         time.sleep(0.2)
     tail = log_tail(log_path) if log_path else ""
     raise ProcessError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s\n{tail}")
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants, in MiB (shared pages counted per process)."""
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
