@@ -91,7 +91,7 @@ def _assert_gone(pids: list[int], ports: list[int]) -> None:
 
 def test_coordinator_killed_mid_run_resumes_from_the_last_completed_round(tmp_path):
     run_dir, port = tmp_path / "run", processes.free_port()
-    one_round_each(min_sites=2, supervised_rounds=4, m_best=2, node_wait_s=120,
+    one_round_each(min_sites=2, supervised_rounds=3, m_best=2, node_wait_s=120,
                    round_timeout_s=120).to_json(tmp_path / "federation.json")
     nodes = [_node(tmp_path, site, port) for site in toy_sites(2)]
     pids: list[int] = [n.proc.pid for n in nodes]
@@ -117,8 +117,8 @@ def test_coordinator_killed_mid_run_resumes_from_the_last_completed_round(tmp_pa
     saved = [r for r in log_before if r["server_round"] <= state_before["server_round"]]
     assert log[:len(saved)] == saved  # nothing saved before the crash was lost or rewritten
     rounds = [r["round"] for r in log if r["phase"] == "supervised" and "error" not in r]
-    assert rounds == [1, 2, 3, 4]  # each round once: the interrupted one re-run, none skipped
-    assert [r["phase"] for r in log] == ["init"] + ["supervised"] * 4 + ["supervised-evaluate", "qc-autoencoder",
+    assert rounds == [1, 2, 3]  # each round once: the interrupted one re-run, none skipped
+    assert [r["phase"] for r in log] == ["init"] + ["supervised"] * 3 + ["supervised-evaluate", "qc-autoencoder",
                                                                          "refine", "predict"]
     state = json.loads((run_dir / "state.json").read_text())
     assert state["phase"] == "done"
@@ -132,8 +132,8 @@ def test_coordinator_killed_mid_run_resumes_from_the_last_completed_round(tmp_pa
 
 def test_a_site_killed_mid_round_is_named_the_round_finishes_and_the_site_rejoins(tmp_path):
     run_dir, port = tmp_path / "run", processes.free_port()
-    one_round_each(min_sites=2, supervised_rounds=4, node_wait_s=120,
-                   round_timeout_s=45).to_json(tmp_path / "federation.json")
+    one_round_each(min_sites=2, supervised_rounds=3, node_wait_s=120,
+                   round_timeout_s=30).to_json(tmp_path / "federation.json")
     sites = toy_sites(3)
     sites[1].update({"delay-s": 300.0, "delay-task": "supervised"})
     nodes = [_node(tmp_path, site, port) for site in sites]
