@@ -168,6 +168,8 @@ class SiteExchange:
                 if ae is not None:
                     self.ae_holders.add(node)
                 outcome.answers.append(answer)
+        # Replies arrive in any order; sums in a fixed order keep aggregation reproducible to the bit.
+        outcome.answers.sort(key=lambda a: (a.site, a.node_id))
         answered = {a.node_id for a in outcome.answers}
         failed_names = set(outcome.failed)
         outcome.missing = [self.name(n) for n in targets if n not in answered and self.name(n) not in failed_names]
