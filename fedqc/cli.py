@@ -153,19 +153,34 @@ def _run(func: Callable[[], int]) -> int:
 
 
 def _line_buffered() -> None:
-    """Progress lines reach a log file or pipe as they are printed, not in 8 KB blocks.
-
-    Also tightens the umask so that every file this process and its children (Flower's daemons,
-    Ray) create is readable by its owner only: predictions, QC reports and logs are patient data.
-    """
+    """Progress lines reach a log file or pipe as they are printed, not in 8 KB blocks."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(line_buffering=True)
-    os.umask(os.umask(0) | 0o077)
+
+
+def _private_files() -> None:
+    """Tighten the umask so that every file this process and its children (Flower's daemons, Ray)
+    create is readable by its owner only: predictions, QC reports and logs are patient data."""
+    current = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                current = int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    if current is None:  # no /proc: read it by setting it (briefly permissive, before any thread exists)
+        current = os.umask(0o077)
+    os.umask(current | 0o077)
+
+
+def _start() -> None:
+    _line_buffered()
+    _private_files()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _line_buffered()
+    _start()
     args = build_parser().parse_args(argv)
     return _run(lambda: args.func(args))
 
@@ -180,7 +195,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true", help="no TLS: loopback testing only")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
     args = parser.parse_args(argv)
-    _line_buffered()
+    _start()
 
     def go() -> int:
         from fedqc.fl.commands import server_command
@@ -200,7 +215,7 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="site YAML (see client/site.example.yaml)")
     parser.add_argument("--insecure", action="store_true", help="no TLS: loopback testing only")
     args = parser.parse_args(argv)
-    _line_buffered()
+    _start()
 
     def go() -> int:
         from fedqc.fl.commands import client_command

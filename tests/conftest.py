@@ -23,6 +23,16 @@ def _single_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _restore_umask():
+    """The CLI entry points tighten the process umask (fedqc.cli._private_files); tests calling them
+    in-process must not pass that on to the next test."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """Two centres (one labelled-intent, one shifted), 8 subjects each, small matrices."""

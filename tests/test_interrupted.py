@@ -6,6 +6,7 @@ renamed), the next run completes, and everything fedqc wrote is readable by its 
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -36,8 +37,7 @@ def trained(tmp_path_factory, tiny_data):
 def _fedqc(*args: str, log: Path) -> subprocess.Popen:
     handle = open(log, "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen([sys.executable, "-m", "fedqc.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
-                            env={"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-                                 **{k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"}})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
 
 def _kill_when(proc: subprocess.Popen, ready, timeout_s: float = 300) -> bool:
@@ -68,7 +68,13 @@ def test_predict_killed_mid_run_keeps_finished_files_and_the_rerun_completes(tra
     for path in written:  # complete files under their final names, never partial ones
         assert set(np.unique(np.asarray(nib.load(path).dataobj))) <= {0, 1, 2, 3}
 
-    assert main(["predict", "--run", str(run), "--data", str(tiny_data), "--out", str(out)]) == 0
+    # The rerun in its own process too, under a permissive umask: the command itself makes files private.
+    old = os.umask(0o022)
+    try:
+        rerun = _fedqc("predict", "--run", str(run), "--data", str(tiny_data), "--out", str(out), log=tmp_path / "2.log")
+        assert rerun.wait(timeout=600) == 0, (tmp_path / "2.log").read_text()[-2000:]
+    finally:
+        os.umask(old)
     assert len(list(out.glob("*_pred.nii.gz"))) == 64 and (out / "qc.csv").is_file()
     for path in _visible(out):
         assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
@@ -81,7 +87,7 @@ def test_refine_killed_mid_run_leaves_the_supervised_models_intact_and_the_rerun
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     log = tmp_path / "refine.log"
     proc = _fedqc("refine", "--config", str(config), "--run", str(run), log=log)
-    killed = _kill_when(proc, lambda: "epoch" in log.read_text())
+    killed = _kill_when(proc, lambda: "refinement epoch 1/" in log.read_text())  # after epoch 1 of 2+
     assert killed, log.read_text()[-2000:]
     for path, data in before.items():  # the supervised candidates, autoencoders, config: untouched
         if "refined" not in path.parts and "thresholds" not in path.parts and path.suffix == ".pt":
