@@ -138,7 +138,7 @@ class FederationConfig:
     min_sites: int = 1
     timeout_s: float = 600.0
     half_precision_transfer: bool = False
-    refine_aggregation: Literal["slices", "eq2"] = "slices"
+    refine_aggregation: Literal["slices", "eq2"] = "eq2"
     # Poisoned or broken updates (docs/FEDERATION.md): robust aggregation and the norm-outlier rule.
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
     trim_fraction: float = 0.2
@@ -150,9 +150,6 @@ class FederationConfig:
         if not (self.norm_factor == 0 or 1.0 <= self.norm_factor < float("inf")):
             raise ConfigError("norm_factor", f"got {self.norm_factor!r}; must be 0 (off) or a number >= 1 "
                               "(a site is rejected above norm_factor x the median update norm)")
-        if self.aggregation != "mean" and self.refine_aggregation == "eq2":
-            raise ConfigError("refine_aggregation", f"eq2 cannot combine with aggregation {self.aggregation!r} "
-                              "(robust aggregation is unweighted); use slices, or aggregation mean")
 
 
 @dataclass(frozen=True)

@@ -53,11 +53,12 @@ class FederationSettings:
         min_sites: sites that must be connected to start a round and must answer to aggregate.
         node_wait_s: how long to wait for ``min_sites`` to connect before failing.
         round_timeout_s: how long to wait for the replies of one round.
-        refine_aggregation: ``slices`` (FedAvg weighted by the slices each site used) or ``eq2``
-            (:func:`fedqc.fl.aggregation.eq2_average`: the first-order step of Eq. 2; docs/FEDERATION.md).
+        refine_aggregation: ``eq2`` (default; :func:`fedqc.fl.aggregation.eq2_average`: the round's
+            step is the first-order step of Eq. 2 over the consortium; docs/FEDERATION.md) or ``slices``
+            (FedAvg weighted by the slices each site used).
         aggregation: ``mean`` (FedAvg, and ``refine_aggregation`` in refine rounds), or ``median`` /
-            ``trimmed-mean`` (:func:`fedqc.fl.robust.robust_average`, unweighted, in every phase;
-            ``eq2`` is refused with them).
+            ``trimmed-mean`` (:func:`fedqc.fl.robust.robust_average`, unweighted, in every phase,
+            refine rounds included: ``refine_aggregation`` then has no effect).
         trim_fraction: for ``trimmed-mean``, the fraction of sites dropped at each end per coordinate
             (``int(trim_fraction * n)``, as Flower's FedTrimmedAvg), in [0, 0.5).
         norm_factor: reject an update whose norm exceeds this multiple of the round's median update
@@ -92,7 +93,7 @@ class FederationSettings:
     node_wait_s: float = 300.0
     round_timeout_s: float = 3600.0
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    refine_aggregation: Literal["slices", "eq2"] = "slices"
+    refine_aggregation: Literal["slices", "eq2"] = "eq2"
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
     trim_fraction: float = 0.2
     norm_factor: float = 10.0
@@ -130,9 +131,6 @@ class FederationSettings:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"federation.{key}", f"invalid value {getattr(self, key)!r}")
-        if self.aggregation != "mean" and self.refine_aggregation == "eq2":
-            raise ConfigError("federation.refine_aggregation", f"eq2 cannot combine with aggregation "
-                              f"{self.aggregation!r} (robust aggregation is unweighted); use slices or mean")
         for key, value in self.site_run_config.items():
             if not isinstance(value, (bool, int, float, str)):
                 raise ConfigError(f"federation.site_run_config.{key}", "values must be flat scalars")
