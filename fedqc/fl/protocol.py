@@ -114,10 +114,15 @@ class Protocol:
                                  per_node={} if given else {first: {INIT_WEIGHTS: True}})
         extra: dict[str, Any] = {"initial_weights": self.settings.initial_weights or None}
         if not given:
-            answer = next((a for a in outcome.answers if a.node_id == first), None)
-            if answer is None or not answer.weights:
-                raise FederationError(f"site {self.sites.name(first)} did not return initial weights "
-                                      f"(failed: {outcome.failed})")
+            answer = next((a for a in outcome.answers if a.node_id == first and a.weights), None)
+            if answer is None and outcome.answers:  # the chosen site missed INIT: ask one that answered
+                other = outcome.answers[0].node_id
+                again = self.sites.run(INIT, {ConfigKey.LOCAL_EPOCHS.value: 0}, None, nodes=[other], min_answers=1,
+                                       per_node={other: {INIT_WEIGHTS: True}})
+                answer = next((a for a in again.answers if a.weights), None)
+            if answer is None:
+                raise FederationError(f"no site returned initial weights (asked {self.sites.name(first)}; "
+                                      f"failed: {outcome.failed}, missing: {outcome.missing})")
             self.weights = answer.weights
             extra["initial_weights"] = f"site {answer.site}"
         self._record("init", 0, outcome, extra)
