@@ -110,14 +110,14 @@ class ToySiteAlgo:
         started = time.perf_counter()
         if task == self.fail_task:
             raise RuntimeError(f"toy failure reading /private/{self.site}/patient-0001.nii.gz")
-        if self.delay_s > 0 and task == self.delay_task:
-            self._delay_once()
         torch.manual_seed(int(config.get(ConfigKey.SEED, 0)) + int(config.get(ConfigKey.SERVER_ROUND, 0)))
         epochs = int(config.get(ConfigKey.LOCAL_EPOCHS, 1))
         if weights is None and epochs == 0 and task in (Task.SUPERVISED, Task.QC_AUTOENCODER):
             torch.manual_seed(int(config.get(ConfigKey.SEED, 0)))
             model, prefix = (_segmenter(self.width), SEG) if task == Task.SUPERVISED else (_autoencoder(), AE)
             return SiteReply(weights=_state(model, prefix), metrics={})
+        if self.delay_s > 0 and task == self.delay_task:  # real work only, not INIT's initial weights
+            self._delay_once()
         handlers = {Task.SUPERVISED: self._supervised, Task.QC_AUTOENCODER: self._autoencoder,
                     Task.EVALUATE: self._evaluate, Task.REFINE: self._refine, Task.PREDICT: self._predict}
         reply = handlers[Task(task)](weights or {}, config, epochs)
