@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-from fedqc.fl.processes import tree_rss_mib
+from fedqc.fl.processes import run_sampling_memory
 
 
 def main() -> None:
@@ -33,28 +30,13 @@ def main() -> None:
     (out / "configs").mkdir(parents=True, exist_ok=True)
     config = out / "configs" / args.config.name
     shutil.copy(args.config, config)
-    peak, samples = [0.0], []
-    started = time.monotonic()
-    with open(out / "run.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fedqc.cli", "simulate", "--config", str(config),
-                                 "--out", str(out / "run")], stdout=log, stderr=subprocess.STDOUT)
-
-        def sample() -> None:
-            while proc.poll() is None:
-                rss = tree_rss_mib(proc.pid)
-                peak[0] = max(peak[0], rss)
-                samples.append((round(time.monotonic() - started, 1), round(rss)))
-                time.sleep(0.5)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        code = proc.wait()
-        sampler.join(timeout=5)
-    wall = time.monotonic() - started
+    run = run_sampling_memory([sys.executable, "-m", "fedqc.cli", "simulate", "--config", str(config),
+                               "--out", str(out / "run")], out / "run.log")
+    code = run["exit_code"]
     summary = json.loads((out / "run" / "summary.json").read_text()) if code == 0 else {}
-    result = {"command": f"fedqc simulate --config {args.config}", "exit_code": code, "wall_s": round(wall, 1),
-              "federation_s": summary.get("seconds"), "peak_rss_mib": round(peak[0]),
-              "rss_samples": samples[::10]}
+    result = {"command": f"fedqc simulate --config {args.config}", "exit_code": code, "wall_s": run["wall_s"],
+              "federation_s": summary.get("seconds"), "peak_rss_mib": run["peak_rss_mib"],
+              "rss_samples": run["samples"][::10]}
     (out / "bench_end_to_end.json").write_text(json.dumps(result, indent=2))
     print("| command | wall s | federation s | peak RSS of the process tree MiB |\n|---|---:|---:|---:|\n"
           f"| `{result['command']}` | {result['wall_s']} | {result['federation_s']} | {result['peak_rss_mib']} |")

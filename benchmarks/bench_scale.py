@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import yaml
 
-from fedqc.fl.processes import tree_rss_mib
+from fedqc.fl.processes import run_sampling_memory
 
 
 def config_for(n_sites: int, subjects: int, data: Path) -> dict:
@@ -58,24 +55,11 @@ def run_point(n_sites: int, subjects: int, out: Path) -> dict:
     config = out / f"sites{n_sites}-n{subjects}.yaml"
     config.write_text(yaml.safe_dump(config_for(n_sites, subjects, out / "data")))
     ensure_data(out / "data", n_sites, subjects)
-    peak = [0.0]
-    started = time.monotonic()
-    with open(out / f"sites{n_sites}-n{subjects}.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fedqc.cli", "simulate", "--config", str(config),
-                                 "--out", str(run_dir)], stdout=log, stderr=subprocess.STDOUT)
-
-        def sample() -> None:
-            while proc.poll() is None:
-                peak[0] = max(peak[0], tree_rss_mib(proc.pid))
-                time.sleep(0.5)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        code = proc.wait()
-        sampler.join(timeout=5)
-    wall = time.monotonic() - started
+    run = run_sampling_memory([sys.executable, "-m", "fedqc.cli", "simulate", "--config", str(config),
+                               "--out", str(run_dir)], out / f"sites{n_sites}-n{subjects}.log")
+    code, wall, peak = run["exit_code"], run["wall_s"], run["peak_rss_mib"]
     if code != 0:
-        raise SystemExit(f"{n_sites} sites x {subjects} subjects failed ({code}); see {log.name}")
+        raise SystemExit(f"{n_sites} sites x {subjects} subjects failed ({code}); see {out}/sites{n_sites}-n{subjects}.log")
     rows = json.loads((run_dir / "log.json").read_text())
     rounds = [r for r in rows if r["phase"] in ("supervised", "qc-autoencoder", "refine")]
     cases = sum(int(s["metrics"].get("num-cases", 0)) for r in rows if r["phase"] == "predict"
@@ -83,7 +67,7 @@ def run_point(n_sites: int, subjects: int, out: Path) -> dict:
     return {"sites": n_sites, "subjects_per_centre": subjects, "wall_s": round(wall, 1),
             "federation_s": round(sum(r["seconds"] for r in rows), 1),
             "round_s": round(sum(r["seconds"] for r in rounds) / len(rounds), 2),
-            "peak_rss_mib": round(peak[0]), "predicted_cases": cases}
+            "peak_rss_mib": peak, "predicted_cases": cases}
 
 
 def main() -> None:

@@ -40,9 +40,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_qc_metrics import LA_SPACING_MM, SA_SPACING_MM, heart_stack
 
-from fedqc.inference import QC_CLASSES, reconstruct, score_cases, segment
+from fedqc.inference import QC_CLASSES, reconstruct, score_cases, scores_on_device, scores_on_host, segment
 from fedqc.qc.metrics import pseudo_scores_batch
-from fedqc.qc.metrics_torch import pseudo_scores_torch
 
 STEPS = ("copy_h2d", "segmenter", "autoencoder", "metrics", "copy_d2h")
 
@@ -164,44 +163,17 @@ def batched_pass(models, ae, cases, classes, percentile, device, batch, timer, m
         maps = [torch.stack(t) for t in (preds, recons)]  # (m, slices, H, W)
         if metric == "torch":
             with timer("metrics"):
-                p, h = torch_scores(*maps, sizes, spacing, planar, classes, percentile)
+                p, h = scores_on_device(*maps, sizes, spacing, planar, classes, percentile)
             with timer("copy_d2h"):
                 p, h = p.cpu().numpy(), h.cpu().numpy()
         else:
             with timer("copy_d2h"):
                 maps = [t.cpu().numpy() for t in maps]
             with timer("metrics"):
-                p, h = cpu_scores(*maps, sizes, spacing, classes, percentile)
+                p, h = scores_on_host(*maps, sizes, spacing, classes, percentile)
         pdc[index], phd[index] = p.reshape(m, -1).T, h.reshape(m, -1).T
         kept[planar] = (*maps, sizes, spacing) if metric == "torch" else None
     return pdc, phd, kept
-
-
-def torch_scores(preds, recons, sizes, spacing, planar, classes, percentile):
-    """pseudo_scores_torch of (m, slices, H, W) label maps: stacks padded with background slices."""
-    m, device = preds.shape[0], preds.device
-    grid = np.stack([sizes, *[np.full_like(sizes, s) for s in preds.shape[2:]]], 1)
-    return pseudo_scores_torch(_padded(preds, sizes, planar), _padded(recons, sizes, planar),
-                               torch.as_tensor(np.tile(spacing, (m, 1)), device=device), classes, percentile,
-                               shape_zhw=torch.as_tensor(np.tile(grid, (m, 1)), device=device))
-
-
-def cpu_scores(preds, recons, sizes, spacing, classes, percentile):
-    """pseudo_scores_batch of (m, slices, H, W) label maps on the host, one (pred, recon) pair per case."""
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    return pseudo_scores_batch([(preds[k, lo:hi], recons[k, lo:hi], sp) for k in range(len(preds))
-                                for lo, hi, sp in zip(bounds[:-1], bounds[1:], spacing)], classes, percentile)
-
-
-def _padded(maps: torch.Tensor, sizes: np.ndarray, planar: bool) -> torch.Tensor:
-    """(m, N, H, W) slices of all cases -> (m * cases, Zmax, H, W) stacks padded with background."""
-    if planar:
-        return maps.flatten(0, 1)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    z = np.arange(sizes.max())
-    index = np.where(z[None] < sizes[:, None], starts[:, None] + z[None], maps.shape[1])
-    padded = torch.cat([maps, maps.new_zeros(maps.shape[0], 1, *maps.shape[2:])], dim=1)
-    return padded[:, torch.as_tensor(index, device=maps.device)].flatten(0, 1)
 
 
 def check_torch_metrics(kept: dict, classes, percentile, n_sample: int) -> dict:
@@ -210,9 +182,9 @@ def check_torch_metrics(kept: dict, classes, percentile, n_sample: int) -> dict:
     for planar, (preds, recons, sizes, spacing) in kept.items():
         sizes, spacing = sizes[:n_sample], spacing[:n_sample]
         preds, recons = preds[:1, :sizes.sum()], recons[:1, :sizes.sum()]
-        on_device = [t.cpu().numpy() for t in torch_scores(preds, recons, sizes, spacing, planar, classes,
+        on_device = [t.cpu().numpy() for t in scores_on_device(preds, recons, sizes, spacing, planar, classes,
                                                             percentile)]
-        on_cpu = cpu_scores(preds.cpu().numpy(), recons.cpu().numpy(), sizes, spacing, classes, percentile)
+        on_cpu = scores_on_host(preds.cpu().numpy(), recons.cpu().numpy(), sizes, spacing, classes, percentile)
         worst["pdc"] = max(worst["pdc"], float(np.abs(on_device[0] - on_cpu[0]).max()))
         worst["phd_mm"] = max(worst["phd_mm"], float(np.abs(on_device[1] - on_cpu[1]).max()))
         worst["cases"] += len(sizes)

@@ -95,11 +95,13 @@ def score_cases(models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
             pred = _labels(lambda chunk: segment(model, chunk, device, batch_size), x)
             preds.append(pred)
             recons.append(_labels(lambda chunk: reconstruct(autoencoder, chunk, batch_size), pred))
+        classes, percentile = qc_classes(cfg), qc_percentile(cfg)
         if device.type == "cuda":
-            p, h = _device_scores(torch.stack(preds), torch.stack(recons), sizes, spacing, planar, cfg)
+            p, h = (t.double().cpu().numpy() for t in scores_on_device(
+                torch.stack(preds), torch.stack(recons), sizes, spacing, planar, classes, percentile))
         else:
-            p, h = _host_scores(torch.stack(preds).cpu().numpy(), torch.stack(recons).cpu().numpy(), sizes,
-                                spacing, cfg)
+            p, h = scores_on_host(torch.stack(preds).cpu().numpy(), torch.stack(recons).cpu().numpy(), sizes,
+                                  spacing, classes, percentile)
         pdc[index], phd[index] = p.reshape(m, -1).T, h.reshape(m, -1).T
     return CaseScores([c.case_id for c in cases], pdc, phd)
 
@@ -109,31 +111,33 @@ def _labels(network, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     return torch.cat([network(x[i:i + chunk]).argmax(1).to(torch.uint8) for i in range(0, x.shape[0], chunk)])
 
 
-def _host_scores(preds: np.ndarray, recons: np.ndarray, sizes: np.ndarray, spacing: np.ndarray,
-                 cfg: QCConfig) -> tuple[np.ndarray, np.ndarray]:
-    """CPU metrics of (m, slices, H, W) label maps, one (pred, recon) pair per candidate and case."""
+def scores_on_host(preds: np.ndarray, recons: np.ndarray, sizes: np.ndarray, spacing: np.ndarray,
+                   classes: Sequence[int], percentile: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """CPU metrics of (m, slices, H, W) label maps (cases of ``sizes`` slices one after the other):
+    pDC and pHD per candidate and case, candidate-major."""
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     pairs = [(preds[k, lo:hi], recons[k, lo:hi], tuple(sp)) for k in range(preds.shape[0])
              for lo, hi, sp in zip(bounds[:-1], bounds[1:], spacing)]
-    pdc, phd = pseudo_scores_batch(pairs, classes=qc_classes(cfg), percentile=qc_percentile(cfg))
+    pdc, phd = pseudo_scores_batch(pairs, classes=classes, percentile=percentile)
     return np.asarray(pdc), np.asarray(phd)
 
 
-def _device_scores(preds: torch.Tensor, recons: torch.Tensor, sizes: np.ndarray, spacing: np.ndarray,
-                   planar: bool, cfg: QCConfig) -> tuple[np.ndarray, np.ndarray]:
-    """metrics_torch of (m, slices, H, W) label maps on their device; only the scores come back."""
+def scores_on_device(preds: torch.Tensor, recons: torch.Tensor, sizes: np.ndarray, spacing: np.ndarray,
+                     planar: bool, classes: Sequence[int], percentile: float | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """metrics_torch of (m, slices, H, W) label maps on their device (stacks padded with background
+    slices; ``planar``: single slices, scored in 2D): pDC and pHD tensors there, candidate-major."""
     from fedqc.qc.metrics_torch import pseudo_scores_torch
 
     m, device = preds.shape[0], preds.device
     grid = np.stack([sizes, *[np.full_like(sizes, n) for n in preds.shape[2:]]], 1)
-    pdc, phd = pseudo_scores_torch(
-        _padded(preds, sizes, planar), _padded(recons, sizes, planar),
-        torch.as_tensor(np.tile(spacing, (m, 1)), device=device), qc_classes(cfg), qc_percentile(cfg),
+    return pseudo_scores_torch(
+        pad_stacks(preds, sizes, planar), pad_stacks(recons, sizes, planar),
+        torch.as_tensor(np.tile(spacing, (m, 1)), device=device), classes, percentile,
         shape_zhw=torch.as_tensor(np.tile(grid, (m, 1)), device=device))
-    return pdc.double().cpu().numpy(), phd.double().cpu().numpy()
 
 
-def _padded(maps: torch.Tensor, sizes: np.ndarray, planar: bool) -> torch.Tensor:
+def pad_stacks(maps: torch.Tensor, sizes: np.ndarray, planar: bool) -> torch.Tensor:
     """(m, N, H, W) slices of all cases -> (m * cases, Zmax, H, W) stacks padded with background."""
     if planar:
         return maps.flatten(0, 1)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fedqc.config import QCConfig
-from fedqc.inference import _device_scores, _host_scores, reconstruct, score_cases, segment
+from fedqc.inference import reconstruct, score_cases, scores_on_device, scores_on_host, segment
 from fedqc.qc.metrics import pseudo_scores
 from fedqc.site_data import PreparedCase
 
@@ -70,7 +70,6 @@ def test_batched_scores_equal_case_by_case_scores(classes):
 
 
 def test_device_metrics_equal_host_metrics_on_padded_stacks():
-    cfg = QCConfig(classes="foreground")
     for sizes, planar in (([4, 2, 6], False), ([1, 1, 1], True)):
         cases = _cases(np.random.default_rng(1), sizes)
         x = torch.from_numpy(np.concatenate([c.images for c in cases]))
@@ -78,7 +77,8 @@ def test_device_metrics_equal_host_metrics_on_padded_stacks():
         recons = torch.stack([Blur()(F.one_hot(p.long(), 4).permute(0, 3, 1, 2).float()).argmax(1).to(torch.uint8)
                               for p in preds])
         spacing = np.array([c.spacing_mm for c in cases])
-        host = _host_scores(preds.numpy(), recons.numpy(), np.array(sizes), spacing, cfg)
-        device = _device_scores(preds, recons, np.array(sizes), spacing, planar, cfg)
+        host = scores_on_host(preds.numpy(), recons.numpy(), np.array(sizes), spacing, (1, 2, 3), None)
+        device = [v.double().numpy() for v in scores_on_device(preds, recons, np.array(sizes), spacing, planar,
+                                                               (1, 2, 3), None)]
         np.testing.assert_allclose(device[0], host[0], atol=1e-9)
         np.testing.assert_allclose(device[1], host[1], atol=1e-5)

@@ -97,16 +97,21 @@ def weighted_average(updates: list[Update], reference: Mapping[str, np.ndarray])
             term = np.asarray(value, dtype=np.float64) * update.num_examples
             sums[name] = sums[name] + term if name in sums else term
             totals[name] = totals.get(name, 0.0) + update.num_examples
+    return as_global(reference, {name: sums[name] / totals[name] for name in sums})
+
+
+def as_global(reference: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray]) -> Weights:
+    """New global weights: ``new``'s values (float64) cast to ``reference``'s dtypes (integer arrays
+    rounded); names not in ``new`` keep their ``reference`` value (FedBN's local layers, the frozen
+    autoencoder)."""
     result: Weights = {}
     for name, old in reference.items():
         old = np.asarray(old)
-        if name not in sums:
+        if name not in new:
             result[name] = old
             continue
-        mean = sums[name] / totals[name]
-        if not np.issubdtype(old.dtype, np.floating):
-            mean = np.rint(mean)
-        result[name] = mean.astype(old.dtype)
+        value = np.asarray(new[name], dtype=np.float64)
+        result[name] = (value if np.issubdtype(old.dtype, np.floating) else np.rint(value)).astype(old.dtype)
     return result
 
 
@@ -143,15 +148,7 @@ def eq2_average(updates: list[Update], reference: Mapping[str, np.ndarray],
                 term = (np.asarray(value, dtype=np.float64) - np.asarray(reference[name], dtype=np.float64)) \
                     * (weight[update.site] / total)
                 step[name] = step[name] + term if name in step else term
-    result: Weights = {}
-    for name, old in reference.items():
-        old = np.asarray(old)
-        if name not in step:
-            result[name] = old
-            continue
-        new = np.asarray(old, dtype=np.float64) + step[name]
-        result[name] = (np.rint(new) if not np.issubdtype(old.dtype, np.floating) else new).astype(old.dtype)
-    return result
+    return as_global(reference, {name: np.asarray(reference[name], dtype=np.float64) + d for name, d in step.items()})
 
 
 def weighted_mean(values: Iterable[tuple[float, float]]) -> float | None:

@@ -159,3 +159,29 @@ def tree_rss_mib(pid: int) -> float:
         except OSError:
             pass
     return total / 1024
+
+
+def run_sampling_memory(command: Sequence[str], log_path: Path, interval_s: float = 0.5) -> dict:
+    """Run ``command`` to its end, output to ``log_path``, sampling its process tree's memory.
+
+    Returns ``exit_code``, ``wall_s``, ``peak_rss_mib`` (:func:`tree_rss_mib`) and ``samples``
+    (``(seconds, MiB)`` pairs, one per ``interval_s``).
+    """
+    import threading
+
+    samples: list[tuple[float, int]] = []
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT)
+
+        def sample() -> None:
+            while proc.poll() is None:
+                samples.append((round(time.monotonic() - started, 1), round(tree_rss_mib(proc.pid))))
+                time.sleep(interval_s)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = proc.wait()
+        sampler.join(timeout=5)
+    return {"exit_code": code, "wall_s": round(time.monotonic() - started, 1),
+            "peak_rss_mib": max((m for _, m in samples), default=0), "samples": samples}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedqc.exchange import Weights
-from fedqc.fl.aggregation import Update, check_update
+from fedqc.fl.aggregation import Update, as_global, check_update
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 MIN_UPDATES_FOR_NORM_CHECK = 3
@@ -134,16 +134,10 @@ def robust_average(updates: list[Update], reference: Mapping[str, np.ndarray], m
         raise ValueError("nothing to aggregate")
     if method not in ("median", "trimmed-mean"):
         raise ValueError(f"robust aggregation must be 'median' or 'trimmed-mean', got {method!r}")
-    result: Weights = {}
-    for name, old in reference.items():
-        old = np.asarray(old)
+    new = {}
+    for name in reference:
         values = [np.asarray(u.weights[name], dtype=np.float64) for u in updates if name in u.weights]
-        if not values:
-            result[name] = old
-            continue
-        stack = np.stack(values)
-        new = np.median(stack, axis=0) if method == "median" else trimmed_mean(stack, trim_fraction)
-        if not np.issubdtype(old.dtype, np.floating):
-            new = np.rint(new)
-        result[name] = np.asarray(new).astype(old.dtype)
-    return result
+        if values:
+            stack = np.stack(values)
+            new[name] = np.median(stack, axis=0) if method == "median" else trimmed_mean(stack, trim_fraction)
+    return as_global(reference, new)
