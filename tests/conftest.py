@@ -70,3 +70,17 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_data):
+    """``fedqc train`` on the tiny consortium: (config path, run directory). Fences at the quartiles
+    (factor 0), so refinement surely has flagged cases. Tests that change the run copy it first."""
+    from fedqc.cli import main
+
+    folder = tmp_path_factory.mktemp("trained")
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, qc={"tukey_factor": 0.0})))
+    run = folder / "run"
+    assert main(["train", "--config", str(config), "--out", str(run)]) == 0
+    return config, run

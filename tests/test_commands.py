@@ -7,23 +7,8 @@ import json
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from fedqc.cli import main
-from tests.conftest import tiny_config_dict
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_data):
-    import yaml
-
-    folder = tmp_path_factory.mktemp("run")
-    # Fences at the quartiles (factor 0) so that refinement surely has flagged cases to work on.
-    config = folder / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, qc={"tukey_factor": 0.0})))
-    run = folder / "run"
-    assert main(["train", "--config", str(config), "--out", str(run)]) == 0
-    return config, run
 
 
 def test_train_writes_ranked_candidates_and_autoencoder(trained):
@@ -36,10 +21,13 @@ def test_train_writes_ranked_candidates_and_autoencoder(trained):
     assert (run / "config.yaml").is_file()
 
 
-def test_refine_changes_the_candidates(trained):
+def test_refine_changes_the_candidates(trained, tmp_path):
+    import shutil
+
     import torch
 
-    config, run = trained
+    config, trained_run = trained
+    run = shutil.copytree(trained_run, tmp_path / "run")
     assert main(["refine", "--config", str(config), "--run", str(run)]) == 0
     log = json.loads((run / "SA" / "refine_log.json").read_text())
     assert log["epochs"], "refinement ran no epoch although fences inside the IQR flag cases"

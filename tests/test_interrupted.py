@@ -16,22 +16,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
-import yaml
 
 from fedqc.cli import main
-from tests.conftest import tiny_config_dict
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_data):
-    folder = tmp_path_factory.mktemp("interrupted")
-    config = folder / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, qc={"tukey_factor": 0.0})))
-    run = folder / "run"
-    assert main(["train", "--config", str(config), "--out", str(run)]) == 0
-    return config, run
 
 
 def _fedqc(*args: str, log: Path) -> subprocess.Popen:
