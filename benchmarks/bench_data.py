@@ -35,7 +35,7 @@ def main() -> None:
 
     from fedqc.config import PreprocessConfig, SiteConfig
     from fedqc.data.simulator import simulate_dataset
-    from fedqc.site_data import prepare_case, site_cases, spec_from_config
+    from fedqc.data.site import prepare_case, site_cases, spec_from_config
 
     out = args.out.resolve()
     data = out / "data"

@@ -30,7 +30,7 @@ def main() -> None:
     (out / "configs").mkdir(parents=True, exist_ok=True)
     config = out / "configs" / args.config.name
     shutil.copy(args.config, config)
-    run = run_sampling_memory([sys.executable, "-m", "fedqc.cli", "simulate", "--config", str(config),
+    run = run_sampling_memory([sys.executable, "-m", "fedqc.cli.main", "simulate", "--config", str(config),
                                "--out", str(out / "run")], out / "run.log")
     code = run["exit_code"]
     summary = json.loads((out / "run" / "summary.json").read_text()) if code == 0 else {}

@@ -4,7 +4,7 @@ One hospital of N simulated subjects (default 50, the consortium preset at the c
 size) trains the shared segmenters for R supervised rounds of E local epochs:
 
 * **deployment**: a real SuperLink and one real SuperNode on 127.0.0.1 (``run_local_federation``),
-  the real site algorithm (``fedqc.site:make_site_algo``): a fresh ClientApp process per message,
+  the real site algorithm (``fedqc.site.algorithm:make_site_algo``): a fresh ClientApp process per message,
   which imports torch, rebuilds the site from its disk cache and trains;
 * **local**: the same site algorithm in this process, the same tasks with the same configs
   (validation of the received weights first, then training), no Flower: the work itself.
@@ -44,7 +44,7 @@ def _site(config_path: Path, data: Path, subjects: int, preset: str, seed: int):
 
 def local_rounds(settings, node: dict, rounds: int) -> list[dict]:
     """The site's work for ``rounds`` supervised rounds, in this process."""
-    from fedqc.exchange import ConfigKey, Task
+    from fedqc.site.contract import ConfigKey, Task
     from fedqc.fl.appdir import run_config, site_run_config
     from fedqc.fl.site_runner import load_factory
 
@@ -68,7 +68,7 @@ def local_rounds(settings, node: dict, rounds: int) -> list[dict]:
 
 def deployment_rounds(settings, node: dict, run_dir: Path) -> tuple[list[dict], dict]:
     """The same rounds through a real SuperLink and SuperNode; per-round figures from the run's log."""
-    from fedqc.fl.local import run_local_federation
+    from tests.fl.local import run_local_federation
 
     run = run_local_federation(run_dir, [{"site-id": "bench", **node}], settings, echo=lambda _: None,
                                max_seconds=3600)
@@ -98,7 +98,7 @@ def main() -> None:
 
     import torch
 
-    from fedqc.federation import federation_settings, node_config
+    from fedqc.fl.from_config import federation_settings, node_config
 
     torch.set_num_threads(args.threads)
     out = args.out.resolve()

@@ -83,7 +83,7 @@ CLOCK = Clock()  # fedqc.method's scoring pass and refinement epochs, wrapped on
 def bare_refine_epoch(model, ae, flagged, images_l, labels_l, alpha, batch, opt, weights) -> None:
     """Eq. 2 steps over contiguous batches: the same forward, pseudo ground truth and losses as refine_epoch."""
     from fedqc.models.segmenter import main_output
-    from fedqc.train.device import autocast_context
+    from fedqc.core.device import autocast_context
     from fedqc.train.losses import deep_supervised, one_hot, semi_supervised_term, supervised_loss
 
     device = flagged.device
@@ -104,7 +104,7 @@ def bare_refine_epoch(model, ae, flagged, images_l, labels_l, alpha, batch, opt,
 
 def loop_compare(model, ae, pool, images, labels, n_slices, batch, device) -> dict:
     """One refinement epoch on up to ``n_slices`` pool slices: refine_epoch vs the bare loop (img/s)."""
-    from fedqc.train.device import make_generator
+    from fedqc.core.device import make_generator
     from fedqc.train.losses import class_weights_with_rv
     from fedqc.train.refine import refine_epoch
 
@@ -142,8 +142,8 @@ def loop_compare(model, ae, pool, images, labels, n_slices, batch, device) -> di
 
 def run_view(config, view, data: Path, device, args) -> tuple[dict, dict | None]:
     from fedqc.qc.thresholds import ThresholdFitError
-    from fedqc.run_dir import new_autoencoder
-    from fedqc.site_data import load_site_split, stack_slices
+    from fedqc.models.run_folder import new_autoencoder
+    from fedqc.data.site import load_site_split, stack_slices
 
     cache = data / "cache"
     row: dict = {"view": view}
@@ -226,7 +226,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fedqc.config import config_from_dict
-    from fedqc.train.device import select_device, set_torch_threads
+    from fedqc.core.device import select_device, set_torch_threads
 
     data = Path(args.data or f"/tmp/fedqc-bench-refine/{args.preset}-L{args.labelled_subjects}-N{args.subjects}"
                              f"-s{args.seed}")

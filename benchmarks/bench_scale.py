@@ -55,7 +55,7 @@ def run_point(n_sites: int, subjects: int, out: Path) -> dict:
     config = out / f"sites{n_sites}-n{subjects}.yaml"
     config.write_text(yaml.safe_dump(config_for(n_sites, subjects, out / "data")))
     ensure_data(out / "data", n_sites, subjects)
-    run = run_sampling_memory([sys.executable, "-m", "fedqc.cli", "simulate", "--config", str(config),
+    run = run_sampling_memory([sys.executable, "-m", "fedqc.cli.main", "simulate", "--config", str(config),
                                "--out", str(run_dir)], out / f"sites{n_sites}-n{subjects}.log")
     code, wall, peak = run["exit_code"], run["wall_s"], run["peak_rss_mib"]
     if code != 0:

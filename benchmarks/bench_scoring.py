@@ -4,7 +4,7 @@ A synthetic site (short-axis stacks of 8-12 slices at (10, 1.25, 1.25) mm and lo
 cardiac masks of bench_qc_metrics.py rendered as noisy images) is scored by m candidates (snapshots of
 the last m epochs of one briefly trained segmenter) and a briefly trained QC autoencoder. Passes:
 
-* ``fedqc``: ``fedqc.inference.score_cases`` as fit_thresholds / refine / the site's REFINE task call
+* ``fedqc``: ``fedqc.qc.scoring.score_cases`` as fit_thresholds / refine / the site's REFINE task call
   it; timed end to end only.
 * ``per-case``: the same steps with fedqc's ``segment`` / ``reconstruct`` / ``pseudo_scores_batch``,
   each step timed (case by case, candidate by candidate, labels to the host, CPU metrics).
@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_qc_metrics import LA_SPACING_MM, SA_SPACING_MM, heart_stack
 
-from fedqc.inference import QC_CLASSES, reconstruct, score_cases, scores_on_device, scores_on_host, segment
+from fedqc.qc.scoring import QC_CLASSES, reconstruct, score_cases, scores_on_device, scores_on_host, segment
 from fedqc.qc.metrics import pseudo_scores_batch
 
 STEPS = ("copy_h2d", "segmenter", "autoencoder", "metrics", "copy_d2h")
@@ -71,7 +71,7 @@ def train_candidates(train: list[SynthCase], preset: str, size: int, epochs: int
     """m snapshots (the last m epochs) of one briefly trained segmenter, and a briefly trained autoencoder."""
     from fedqc.models import build_qc_autoencoder, build_segmenter
     from fedqc.train.autoencoder import autoencoder_one_epoch
-    from fedqc.train.device import make_generator, seed_everything
+    from fedqc.core.device import make_generator, seed_everything
     from fedqc.train.supervised import as_device_tensors, train_one_epoch
 
     images = np.concatenate([c.images for c in train])[:, None]
@@ -231,7 +231,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fedqc.config import QCConfig
-    from fedqc.train.device import select_device, set_torch_threads
+    from fedqc.core.device import select_device, set_torch_threads
 
     set_torch_threads(args.threads)
     device = select_device(args.device)

@@ -28,7 +28,7 @@ def _sync(device: torch.device) -> None:
 
 def bare_loop(model, opt, images, labels, batch_size, autocast, channels_last) -> None:
     """The reference: a plain loop over contiguous batches."""
-    from fedqc.train.device import autocast_context
+    from fedqc.core.device import autocast_context
     from fedqc.train.losses import deep_supervised, supervised_loss
 
     device = images.device
@@ -56,7 +56,7 @@ def bench_variant(preset: str, size: int, batch: int, steps: int, repeats: int, 
                   autocast: bool, channels_last: bool, compile_model: bool) -> dict:
     from fedqc.models import build_segmenter
     from fedqc.train.augment import BatchAugmenter
-    from fedqc.train.device import make_generator
+    from fedqc.core.device import make_generator
     from fedqc.train.supervised import train_one_epoch
 
     n = batch * steps
@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
 
-    from fedqc.train.device import select_device, set_torch_threads
+    from fedqc.core.device import select_device, set_torch_threads
 
     set_torch_threads(args.threads)
     device = select_device(args.device)

@@ -3,7 +3,7 @@
 supervised training of M (m_best kept) -> QC autoencoder R on ground-truth masks -> pDC/pHD ->
 Tukey fences -> OoD flags -> semi-supervised refinement (Eq. 2) -> QC-based candidate selection.
 Each function is one stage and takes what it needs explicitly; the centralised commands
-(``fedqc.commands``) and the federated site (``fedqc.site``) both call them.
+(``fedqc.cli.commands``) and the federated site (``fedqc.site.algorithm``) both call them.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from fedqc.config import Config
-from fedqc.inference import candidate_outputs, score_cases
+from fedqc.qc.scoring import candidate_outputs, score_cases
 from fedqc.qc.ood import flag_ood
 from fedqc.qc.selection import apply_selection, select_candidate
 from fedqc.qc.thresholds import Thresholds, fit_from_candidates
-from fedqc.run_dir import new_autoencoder, new_segmenter
-from fedqc.site_data import PreparedCase, stack_slices
+from fedqc.models.run_folder import new_autoencoder, new_segmenter
+from fedqc.data.site import PreparedCase, stack_slices
 from fedqc.train.autoencoder import train_qc_autoencoder
-from fedqc.train.device import make_generator, seed_everything
+from fedqc.core.device import make_generator, seed_everything
 from fedqc.train.losses import alpha_schedule
 from fedqc.train.refine import refine_epoch
 from fedqc.train.supervised import OptimiserConfig, build_optimiser, nnunet_optimiser, train_segmenter

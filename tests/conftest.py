@@ -25,7 +25,7 @@ def _single_torch_thread():
 
 @pytest.fixture(autouse=True)
 def _restore_umask():
-    """The CLI entry points tighten the process umask (fedqc.cli._private_files); tests calling them
+    """The CLI entry points tighten the process umask (fedqc.cli.main._private_files); tests calling them
     in-process must not pass that on to the next test."""
     before = os.umask(0o022)
     os.umask(before)
@@ -76,7 +76,7 @@ def write_config(tmp_path):
 def trained(tmp_path_factory, tiny_data):
     """``fedqc train`` on the tiny consortium: (config path, run directory). Fences at the quartiles
     (factor 0), so refinement surely has flagged cases. Tests that change the run copy it first."""
-    from fedqc.cli import main
+    from fedqc.cli.main import main
 
     folder = tmp_path_factory.mktemp("trained")
     config = folder / "config.yaml"

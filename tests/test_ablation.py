@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedqc.ablation import CaseRecord, auroc, calibration, summarise_variants
+from fedqc.evaluation.variants import CaseRecord, auroc, calibration, summarise_variants
 
 
 def record(variant: str, dice: float, pdc: float, ood: bool, site: str = "a") -> CaseRecord:

@@ -8,7 +8,7 @@ import json
 import nibabel as nib
 import numpy as np
 
-from fedqc.cli import main
+from fedqc.cli.main import main
 
 
 def test_train_writes_ranked_candidates_and_autoencoder(trained):
@@ -82,19 +82,19 @@ def test_help_is_instant_and_lists_commands(capsys):
     import time
 
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "fedqc.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "fedqc.cli.main", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for command in ("simulate-data", "train", "refine", "predict", "evaluate", "simulate"):
         assert command in result.stdout
     # No heavy imports behind --help: torch alone takes seconds to import here.
-    check = subprocess.run([sys.executable, "-c", "import sys, fedqc.cli; print('torch' in sys.modules)"],
+    check = subprocess.run([sys.executable, "-c", "import sys, fedqc.cli.main; print('torch' in sys.modules)"],
                            capture_output=True, text=True)
     assert check.stdout.strip() == "False"
     assert time.perf_counter() - start < 60
 
 
 def test_server_and_client_refuse_to_run_without_tls_unless_told(tmp_path, capsys, write_config, tiny_data):
-    from fedqc.cli import client_main, server_main
+    from fedqc.cli.main import client_main, server_main
     from tests.conftest import tiny_config_dict
 
     method = write_config(tiny_config_dict(tiny_data))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedqc.config import Config, load_config, to_dict
-from fedqc.errors import ConfigError
+from fedqc.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -128,7 +128,7 @@ def test_loader_only_ever_raises_config_error(tmp_path_factory, section, value):
 
 
 def test_robust_aggregation_options_reach_the_federation_settings(tmp_path):
-    from fedqc.federation import federation_settings
+    from fedqc.fl.from_config import federation_settings
 
     config = load_config(write(tmp_path, base(tmp_path)), overrides={
         "federation.aggregation": "trimmed-mean", "federation.trim_fraction": 0.25, "federation.norm_factor": 0})

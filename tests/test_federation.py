@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import yaml
 
-from fedqc.cli import main
+from fedqc.cli.main import main
 from fedqc.config import config_from_dict
-from fedqc.exchange import candidate_prefix
-from fedqc.fl import processes, rundir
-from fedqc.run_dir import new_autoencoder, new_segmenter
+from fedqc.site.contract import candidate_prefix
+from fedqc.fl import processes, run_state
+from fedqc.models.run_folder import new_autoencoder, new_segmenter
 from tests.conftest import tiny_config_dict
 from tests.fl.test_privacy import audit_problems
 
@@ -56,9 +56,9 @@ def test_simulated_federation_every_phase_report_and_privacy(tiny_data, tmp_path
     phases = [row["phase"] for row in json.loads((run / "log.json").read_text())]
     assert {"supervised", "qc-autoencoder", "refine", "predict"} <= set(phases)
     # Refinement changed the global model: the refined candidate 0 differs from the supervised one.
-    state = rundir.read_json(run / rundir.STATE)
-    final = rundir.load_weights(run / state["weights"])
-    supervised = rundir.load_weights(rundir.supervised_checkpoint(run, state["candidates"][0]))
+    state = run_state.read_json(run / run_state.STATE)
+    final = run_state.load_weights(run / state["weights"])
+    supervised = run_state.load_weights(run_state.supervised_checkpoint(run, state["candidates"][0]))
     assert any(not np.array_equal(final[candidate_prefix(0) + k], v) for k, v in supervised.items())
     # Every message each site sent: model-shaped weights and allowed scalar metrics, nothing else.
     shapes = parameter_shapes(data, m_best=2)

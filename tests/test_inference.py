@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from fedqc.config import QCConfig
-from fedqc.inference import reconstruct, score_cases, scores_on_device, scores_on_host, segment
+from fedqc.qc.scoring import reconstruct, score_cases, scores_on_device, scores_on_host, segment
 from fedqc.qc.metrics import pseudo_scores
-from fedqc.site_data import PreparedCase
+from fedqc.data.site import PreparedCase
 
 
 class Threshold(torch.nn.Module):

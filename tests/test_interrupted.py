@@ -18,12 +18,12 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from fedqc.cli import main
+from fedqc.cli.main import main
 
 
 def _fedqc(*args: str, log: Path) -> subprocess.Popen:
     handle = open(log, "w")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen([sys.executable, "-m", "fedqc.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, "-m", "fedqc.cli.main", *args], stdout=handle, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
 
 

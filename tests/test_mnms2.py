@@ -16,7 +16,7 @@ from fedqc.data.mnms2 import (
     split_cases,
     subject_key,
 )
-from fedqc.errors import ConfigError, DataError
+from fedqc.core.errors import ConfigError, DataError
 
 CSV = """SUBJECT_CODE,DISEASE,VENDOR,SCANNER,FIELD,CENTRE
 1,NOR,SIEMENS,Avanto,1.5,1

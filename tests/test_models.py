@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedqc.errors import ConfigError
+from fedqc.core.errors import ConfigError
 from fedqc.models import build_qc_autoencoder, build_segmenter, count_parameters, main_output
 from fedqc.models.qc_autoencoder import encoder_plan
 from fedqc.models.segmenter import dynunet_num_pools, predict_probabilities, preset_kwargs

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedqc.data.nifti import ACDC_REMAP, Volume, load_image, load_label, save_image, save_label
-from fedqc.errors import DataError
+from fedqc.core.errors import DataError
 
 AFFINE = np.array([[1.5, 0, 0, -40.0], [0, 1.5, 0, 12.5], [0, 0, 8.0, 3.0], [0, 0, 0, 1]])
 

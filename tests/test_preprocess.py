@@ -23,7 +23,7 @@ from fedqc.data.preprocess import (
     restore_labels,
     restore_probabilities,
 )
-from fedqc.errors import ConfigError
+from fedqc.core.errors import ConfigError
 
 
 def heart(shape, spacing_mm, centre_mm=None) -> np.ndarray:

@@ -19,7 +19,7 @@ from fedqc.qc.metrics import (
     pseudo_scores_batch,
 )
 from fedqc.qc.metrics_torch import dice_hausdorff_mm_torch, pseudo_scores_torch
-from fedqc.types import Label
+from fedqc.core.types import Label
 
 SA_SPACING_MM = (10.0, 1.25, 1.25)
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fedqc.errors import DataError, FedqcError
+from fedqc.core.errors import DataError, FedqcError
 from fedqc.qc.thresholds import ThresholdFitError, Thresholds, fit_from_candidates, fit_tukey_thresholds
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedqc.errors import ConfigError
+from fedqc.core.errors import ConfigError
 from fedqc.models import build_qc_autoencoder, build_segmenter
-from fedqc.train.device import make_generator
+from fedqc.core.device import make_generator
 from fedqc.train.refine import pseudo_ground_truth, refine_epoch, semi_supervised_loss_on_cases
 
 CPU = torch.device("cpu")

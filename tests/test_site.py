@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from fedqc.config import config_from_dict, to_dict
-from fedqc.exchange import ALLOWED_METRIC_KEYS, Task, candidate_prefix
-from fedqc.site import encode_value, flatten, make_site_algo, unflatten
+from fedqc.site.contract import ALLOWED_METRIC_KEYS, Task, candidate_prefix
+from fedqc.site.algorithm import encode_value, flatten, make_site_algo, unflatten
 from tests.conftest import tiny_config_dict
 
 
@@ -73,8 +73,8 @@ def test_every_task_end_to_end(sites):
 
 
 def test_a_config_reaches_the_site_unchanged(tiny_data):
-    from fedqc.federation import node_config, site_run_config
-    from fedqc.site import site_config
+    from fedqc.fl.from_config import node_config, site_run_config
+    from fedqc.site.algorithm import site_config
 
     config = config_from_dict(tiny_config_dict(tiny_data, train={"epochs": 7}, qc={"classes": "foreground"}))
     for site in config.sites:

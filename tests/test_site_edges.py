@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from fedqc.config import config_from_dict, to_dict
-from fedqc.errors import DataError
-from fedqc.exchange import Task, candidate_prefix
+from fedqc.core.errors import DataError
+from fedqc.site.contract import Task, candidate_prefix
 from fedqc.qc.thresholds import Thresholds
-from fedqc.site import encode_value, flatten, make_site_algo
+from fedqc.site.algorithm import encode_value, flatten, make_site_algo
 from tests.conftest import tiny_config_dict
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedqc.errors import ConfigError
+from fedqc.core.errors import ConfigError
 from fedqc.models import build_qc_autoencoder, build_segmenter
 from fedqc.train.augment import AugmentConfig, BatchAugmenter
 from fedqc.train.autoencoder import reconstruct, train_qc_autoencoder
 from fedqc.train.checkpoints import TopKCheckpoints, load_checkpoint
-from fedqc.train.device import autocast_context, make_generator, select_device
+from fedqc.core.device import autocast_context, make_generator, select_device
 from fedqc.train.supervised import (OptimiserConfig, build_optimiser, case_dice, nnunet_optimiser,
                                     scheduled_lr, train_one_epoch, train_segmenter)
 

@@ -30,7 +30,7 @@ from fedqc.data.preprocess import (
     preprocess_image,
     preprocess_label,
 )
-from fedqc.types import FloatArray, LabelArray
+from fedqc.core.types import FloatArray, LabelArray
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedqc.errors import DataError
+from fedqc.core.errors import DataError
 
 if TYPE_CHECKING:
     from fedqc.data.mnms2 import Case

@@ -26,8 +26,8 @@ from fedqc.data.metadata import (
     read_metadata,
     subject_key,
 )
-from fedqc.errors import ConfigError, DataError
-from fedqc.types import PHASES, VIEWS, Phase, View
+from fedqc.core.errors import ConfigError, DataError
+from fedqc.core.types import PHASES, VIEWS, Phase, View
 
 logger = logging.getLogger(__name__)
 

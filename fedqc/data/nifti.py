@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
-from fedqc.errors import DataError
-from fedqc.types import NUM_CLASSES, FloatArray, LabelArray
+from fedqc.core.errors import DataError
+from fedqc.core.types import NUM_CLASSES, FloatArray, LabelArray
 
 AFFINE_ATOL_MM = 1e-3  # label and image affines may differ by float32 rounding, not by a voxel
 MAX_DATA_BYTES = 4 * 2**30  # refuse headers that promise more than this: a corrupt dim field

@@ -23,8 +23,8 @@ import numpy as np
 from scipy import ndimage
 
 from fedqc.data.restore import restore_labels, restore_probabilities
-from fedqc.errors import ConfigError
-from fedqc.types import NUM_CLASSES, FloatArray, LabelArray
+from fedqc.core.errors import ConfigError
+from fedqc.core.types import NUM_CLASSES, FloatArray, LabelArray
 
 if TYPE_CHECKING:
     from fedqc.data.nifti import Volume

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
-from fedqc.types import NUM_CLASSES, LabelArray
+from fedqc.core.types import NUM_CLASSES, LabelArray
 
 if TYPE_CHECKING:
     from fedqc.data.preprocess import Geometry

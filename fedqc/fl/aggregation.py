@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedqc.exchange import Weights
+from fedqc.site.contract import Weights
 
 
 @dataclass

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
-from fedqc.errors import ConfigError, FedqcError
-from fedqc.fl import appdir, processes, rundir
+from fedqc.core.errors import ConfigError, FedqcError
+from fedqc.fl import appdir, processes, run_state
 from fedqc.fl.settings import ClientSettings, ServerSettings
 
 CONNECTION = "fedqc"
@@ -91,7 +91,7 @@ class SuperLink(_Daemon):
         self.run_dir = Path(run_dir).resolve()
         self.settings = settings
         self.insecure = insecure
-        self.home = rundir.private_dir(self.run_dir / ".flwr")
+        self.home = run_state.private_dir(self.run_dir / ".flwr")
         self.log_path = self.run_dir / "logs" / "superlink.log"
         self.proc: subprocess.Popen | None = None
         self.stopped_pids: list[int] = []  # the SuperLink and its descendants, when stopped
@@ -141,7 +141,7 @@ class SuperLink(_Daemon):
             lines.append("insecure = true")
         else:
             lines.append(f"root-certificates = {appdir.toml_value(str(Path(self.settings.tls.ca_cert).resolve()))}")
-        rundir.atomic_write(self.home / "config.toml", ("\n".join(lines) + "\n").encode())
+        run_state.atomic_write(self.home / "config.toml", ("\n".join(lines) + "\n").encode())
 
     def flwr(self, args: list[str], check: bool = False, timeout_s: float = 120) -> subprocess.CompletedProcess:
         """Run ``flwr ARGS`` against this SuperLink."""
@@ -219,7 +219,7 @@ class SuperNode(_Daemon):
             raise ConfigError("client.root_certificates", "the consortium CA certificate is needed (or --insecure)")
         self.settings = settings
         self.insecure = insecure
-        self.work_dir = rundir.private_dir(Path(settings.work_dir).expanduser().resolve())
+        self.work_dir = run_state.private_dir(Path(settings.work_dir).expanduser().resolve())
         self.log_path = self.work_dir / "logs" / "supernode.log"
         self.proc: subprocess.Popen | None = None
         self.stopped_pids: list[int] = []
@@ -229,7 +229,7 @@ class SuperNode(_Daemon):
         s = self.settings
         node_config = self.work_dir / "node-config.toml"
         lines = [f'"{k}" = {appdir.toml_value(v)}' for k, v in s.full_node_config().items()]
-        rundir.atomic_write(node_config, ("\n".join(lines) + "\n").encode())
+        run_state.atomic_write(node_config, ("\n".join(lines) + "\n").encode())
         cmd = [executable("flower-supernode"), "--superlink", s.superlink, "--node-config", str(node_config),
                "--port", str(s.port)]
         cmd += ["--insecure"] if self.insecure else ["--root-certificates", str(s.root_certificates)]
@@ -245,7 +245,7 @@ class SuperNode(_Daemon):
         """Start the SuperNode process without waiting for it."""
         if not processes.port_is_free("127.0.0.1", self.settings.port):
             raise FedqcError(f"port {self.settings.port} is already in use; give this site another client port")
-        home = rundir.private_dir(self.work_dir / ".flwr")
+        home = run_state.private_dir(self.work_dir / ".flwr")
         self.proc = processes.spawn(self.command(), flower_env(home), self.log_path, cwd=self.work_dir)
         return self.proc
 
@@ -274,13 +274,13 @@ def run_server(config_path: str | Path | None, run_dir: str | Path, insecure: bo
         echo: where progress lines go.
         max_seconds: stop the run after this long (None: no limit).
     """
-    run_dir = rundir.private_dir(Path(run_dir).resolve())
+    run_dir = run_state.private_dir(Path(run_dir).resolve())
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr)
-    if resume and not (run_dir / rundir.STATE).is_file():
-        raise FedqcError(f"{run_dir}: nothing to resume (no {rundir.STATE})")
+    if resume and not (run_dir / run_state.STATE).is_file():
+        raise FedqcError(f"{run_dir}: nothing to resume (no {run_state.STATE})")
     if config_path is not None:
-        rundir.atomic_write(run_dir / "server.yaml", Path(config_path).read_bytes())
+        run_state.atomic_write(run_dir / "server.yaml", Path(config_path).read_bytes())
     settings.federation.to_json(run_dir / "federation.json")
     app = appdir.write_app(run_dir, appdir.run_config(settings.federation, run_dir, resume=resume))
     try:
@@ -290,7 +290,7 @@ def run_server(config_path: str | Path | None, run_dir: str | Path, insecure: bo
     except KeyboardInterrupt:
         echo(f"interrupted: the run and the SuperLink were stopped; continue with --resume {run_dir}")
         return 130
-    rundir.write_json(run_dir / "flower-run.json", status)
+    run_state.write_json(run_dir / "flower-run.json", status)
     echo(f"run {run_id}: {status.get('status')} {status.get('status-details', '')}".rstrip())
     return 0 if status.get("status") == "finished:completed" else 1
 
@@ -318,6 +318,6 @@ def run_client(site_config_path: str | Path | None, insecure: bool, *, settings:
 
 
 if __name__ == "__main__":
-    from fedqc.fl.local import main
+    from tests.fl.local import main
 
     raise SystemExit(main())

@@ -12,7 +12,7 @@
 5. ``predict``: one Task.PREDICT; sites write predictions and QC reports locally.
 
 State, global weights and the round log are written atomically after every round
-(:mod:`fedqc.fl.rundir`); ``resume`` continues from the last completed round.
+(:mod:`fedqc.fl.run_state`); ``resume`` continues from the last completed round.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedqc.exchange import ConfigKey, MetricKey, Scalar, Task, Weights, candidate_prefix
-from fedqc.fl import rundir
+from fedqc.site.contract import ConfigKey, MetricKey, Scalar, Task, Weights, candidate_prefix
+from fedqc.fl import run_state
 from fedqc.fl.aggregation import (
     BestRounds,
     Update,
@@ -68,17 +68,17 @@ class Protocol:
 
     def __init__(self, grid: Grid, settings: FederationSettings, run_dir: Path, resume: bool = False):
         self.settings = settings
-        self.run_dir = rundir.private_dir(Path(run_dir))
+        self.run_dir = run_state.private_dir(Path(run_dir))
         self.sites = SiteExchange(grid, settings)
-        state_path = self.run_dir / rundir.STATE
+        state_path = self.run_dir / run_state.STATE
         if resume and state_path.is_file():
-            state = rundir.read_json(state_path)
+            state = run_state.read_json(state_path)
             self.phase, self.phase_round = state["phase"], state["phase_round"]
             self.server_round, self.best = state["server_round"], BestRounds.from_json(state["best"])
             # Rows written after the last state (a kill between the two writes) are redone.
-            self.log_rows: list[dict] = [row for row in rundir.read_json(self.run_dir / rundir.LOG)
+            self.log_rows: list[dict] = [row for row in run_state.read_json(self.run_dir / run_state.LOG)
                                          if row["server_round"] <= self.server_round]
-            self.weights = rundir.load_weights(self.run_dir / state["weights"])
+            self.weights = run_state.load_weights(self.run_dir / state["weights"])
             log(INFO, "resuming %s at phase %s after round %d", run_dir, self.phase, self.phase_round)
         else:
             self.phase, self.phase_round, self.server_round = "init", 0, 0
@@ -99,7 +99,7 @@ class Protocol:
                 raise
             self._next_phase()
         summary = self._summary(time.monotonic() - started)
-        rundir.write_json(self.run_dir / rundir.SUMMARY, summary)
+        run_state.write_json(self.run_dir / run_state.SUMMARY, summary)
         return summary
 
     # -- phases -------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ class Protocol:
         first = self.sites.wait_for_sites()[0]
         given = bool(self.settings.initial_weights)
         if given:
-            self.weights = rundir.load_weights(Path(self.settings.initial_weights))
+            self.weights = run_state.load_weights(Path(self.settings.initial_weights))
         outcome = self._exchange(INIT, {ConfigKey.LOCAL_EPOCHS.value: 0}, None,
                                  per_node={} if given else {first: {INIT_WEIGHTS: True}})
         extra: dict[str, Any] = {"initial_weights": self.settings.initial_weights or None}
@@ -135,7 +135,7 @@ class Protocol:
             outcome = self._exchange(Task.SUPERVISED, config, select(self.weights, exclude_prefix=AE))
             extra = self._score(r - 1, outcome, val=True) if r > 1 else {}
             extra.update(self._aggregate(outcome))
-            rundir.save_weights(rundir.supervised_checkpoint(self.run_dir, r), select(self.weights, exclude_prefix=AE))
+            run_state.save_weights(run_state.supervised_checkpoint(self.run_dir, r), select(self.weights, exclude_prefix=AE))
             self.best.add(r)
             self._keep_best()
             self._record("supervised", r, outcome, extra)
@@ -229,11 +229,11 @@ class Protocol:
         return {"val_score_of_round": round_, "val_score": score}
 
     def _keep_best(self) -> None:
-        rundir.prune_supervised(self.run_dir, self.best.keep())
+        run_state.prune_supervised(self.run_dir, self.best.keep())
 
     def _make_candidates(self) -> None:
         rounds = self.best.best()
-        seg = [rundir.load_weights(rundir.supervised_checkpoint(self.run_dir, r)) for r in rounds] or [
+        seg = [run_state.load_weights(run_state.supervised_checkpoint(self.run_dir, r)) for r in rounds] or [
             select(self.weights, exclude_prefix=AE)]
         self.weights = {k: v for k, v in self.weights.items() if not CANDIDATE.match(k)}
         for i, weights in enumerate(seg):
@@ -263,14 +263,14 @@ class Protocol:
 
     def _save(self) -> None:
         """Weights under a new name, the log, then the state that names them: a kill leaves a usable pair."""
-        weights = rundir.global_checkpoint(self.run_dir, self.server_round)
-        rundir.save_weights(weights, self.weights)
-        rundir.write_json(self.run_dir / rundir.LOG, self.log_rows)
-        rundir.write_json(self.run_dir / rundir.STATE, {
+        weights = run_state.global_checkpoint(self.run_dir, self.server_round)
+        run_state.save_weights(weights, self.weights)
+        run_state.write_json(self.run_dir / run_state.LOG, self.log_rows)
+        run_state.write_json(self.run_dir / run_state.STATE, {
             "phase": self.phase, "phase_round": self.phase_round, "server_round": self.server_round,
             "weights": str(weights.relative_to(self.run_dir)), "best": self.best.to_json(),
             "candidates": self.best.best()})
-        rundir.prune_globals(self.run_dir, keep=weights)
+        run_state.prune_globals(self.run_dir, keep=weights)
 
     def _summary(self, seconds: float) -> dict[str, Any]:
         per_phase: dict[str, dict[str, float]] = {}

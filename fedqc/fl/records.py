@@ -11,7 +11,7 @@ A message's :class:`~flwr.app.RecordDict` holds at most these records:
 server -> site: ``config`` (ConfigRecord), ``weights`` (ArrayRecord), ``qc-ae`` (ArrayRecord,
 the frozen autoencoder, sent once per site).
 site -> server: ``weights``, ``metrics`` and ``val-metrics`` (MetricRecords whose keys are
-:class:`~fedqc.exchange.MetricKey` values) and ``control`` (ConfigRecord with only
+:class:`~fedqc.site.contract.MetricKey` values) and ``control`` (ConfigRecord with only
 :data:`CONTROL_KEYS`: the site's name, and whether it needs the autoencoder again).
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedqc.exchange import ALLOWED_METRIC_KEYS, Scalar, Weights
+from fedqc.site.contract import ALLOWED_METRIC_KEYS, Scalar, Weights
 
 CONFIG = "config"
 WEIGHTS = "weights"
@@ -102,7 +102,7 @@ def metrics_to_record(metrics: Mapping[str, Scalar]) -> MetricRecord:
     """Pack allowed scalar metrics (bools become 0/1).
 
     Raises:
-        ValueError: a key outside :data:`~fedqc.exchange.ALLOWED_METRIC_KEYS`.
+        ValueError: a key outside :data:`~fedqc.site.contract.ALLOWED_METRIC_KEYS`.
         TypeError: a value that is not a number.
     """
     record = MetricRecord()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedqc.exchange import Weights
+from fedqc.site.contract import Weights
 from fedqc.fl.aggregation import Update, as_global, check_update
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")

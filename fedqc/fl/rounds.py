@@ -24,8 +24,8 @@ from flwr.app import Message, MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedqc.errors import FedqcError
-from fedqc.exchange import ConfigKey, MetricKey, Scalar, Task, Weights
+from fedqc.core.errors import FedqcError
+from fedqc.site.contract import ConfigKey, MetricKey, Scalar, Task, Weights
 from fedqc.fl import records
 from fedqc.fl.settings import FederationSettings
 

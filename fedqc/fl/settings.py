@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fedqc.errors import ConfigError
-from fedqc.fl.rundir import atomic_write
+from fedqc.core.errors import ConfigError
+from fedqc.fl.run_state import atomic_write
 
 Scalar = bool | int | float | str
 
@@ -30,7 +30,7 @@ DEFAULT_NORM_PATTERN = (
     r"(^|[./_])(bn\d*|norm\d*|batch_?norm\d*|instance_?norm\d*|group_?norm\d*|layer_?norm\d*|N)[./]"
     r"|running_mean$|running_var$|num_batches_tracked$"
 )
-DEFAULT_SITE_FACTORY = "fedqc.site:make_site_algo"
+DEFAULT_SITE_FACTORY = "fedqc.site.algorithm:make_site_algo"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedqc.fl import appdir, rundir
+from fedqc.fl import appdir, run_state
 from fedqc.fl.settings import FederationSettings, Scalar
 
 _QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -55,14 +55,14 @@ def _resources(config: SimulationConfig) -> tuple[int, int]:
 
 def prepare(config: SimulationConfig, run_dir: Path, resume: bool = False) -> dict[str, Scalar]:
     """Write settings, site configs and the app folder into ``run_dir``; returns the run config."""
-    run_dir = rundir.private_dir(Path(run_dir).resolve())
+    run_dir = run_state.private_dir(Path(run_dir).resolve())
     names = [str(site.get("site-id", "")) for site in config.sites]
     if not config.sites or "" in names or len(set(names)) != len(names):
         raise ValueError(f"simulation sites need unique, non-empty site-id values, got {names}")
     sites = [{**site, "work-dir": str(site.get("work-dir") or run_dir / "sites" / str(site["site-id"]))}
              for site in config.sites]
     sites_file = run_dir / "simulation-sites.json"
-    rundir.write_json(sites_file, sites)
+    run_state.write_json(sites_file, sites)
     _, threads = _resources(config)
     settings = dataclasses.replace(config.federation, torch_threads=config.federation.torch_threads or threads)
     settings.to_json(run_dir / "federation.json")
@@ -113,11 +113,11 @@ def run_simulation(config: SimulationConfig, run_dir: str | Path, resume: bool =
     _run_simulation(num_supernodes=len(config.sites), exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                     client_app=client_app, server_app=server_app, backend_config=backend_config,
                     server_app_context=server_context, app_dir=str(run_dir / "app"), is_app=True, run=run)
-    if not (run_dir / rundir.SUMMARY).is_file():
+    if not (run_dir / run_state.SUMMARY).is_file():
         raise RuntimeError(f"the simulation ended without a summary in {run_dir}; see the log above")
     return run_dir
 
 
 def summary(run_dir: Path) -> dict:
     """The ``summary.json`` of a finished run."""
-    return json.loads((Path(run_dir) / rundir.SUMMARY).read_text())
+    return json.loads((Path(run_dir) / run_state.SUMMARY).read_text())

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message
 
-from fedqc.exchange import SiteAlgo, SiteReply, Task, Weights
-from fedqc.fl import appdir, records, rundir
+from fedqc.site.contract import SiteAlgo, SiteReply, Task, Weights
+from fedqc.fl import appdir, records, run_state
 from fedqc.fl.rounds import (
     AE_HASH,
     EVALUATE_FIRST,
@@ -44,7 +44,7 @@ _STATE_AE, _STATE_AE_HASH, _STATE_LOCAL = "fedqc-qc-ae", "fedqc-qc-ae-hash", "fe
 _CANDIDATE = re.compile(r"^m\d+/")
 _ALGOS: OrderedDict[tuple[int, int], SiteAlgo] = OrderedDict()
 _THREADS_SET: list[int] = []
-logger = logging.getLogger("fedqc.site")
+logger = logging.getLogger("fedqc.site.algorithm")
 
 
 def node_config_of(context: Context) -> dict:
@@ -98,13 +98,13 @@ def _autoencoder(msg: Message, context: Context, config: Mapping) -> Weights | N
         context.state[_STATE_AE] = records.weights_to_record(ae)
         context.state[_STATE_AE_HASH] = ConfigRecord({"hash": wanted})
         if cached is not None:
-            rundir.private_dir(cached.parent)
-            rundir.save_weights(cached, ae)
+            run_state.private_dir(cached.parent)
+            run_state.save_weights(cached, ae)
         return ae
     if _STATE_AE in context.state and context.state[_STATE_AE_HASH].get("hash") == wanted:
         return records.record_to_weights(context.state[_STATE_AE])
     if cached is not None and cached.is_file():
-        return rundir.load_weights(cached)
+        return run_state.load_weights(cached)
     return None
 
 

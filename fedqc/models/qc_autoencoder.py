@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedqc.errors import ConfigError
-from fedqc.types import NUM_CLASSES
+from fedqc.core.errors import ConfigError
+from fedqc.core.types import NUM_CLASSES
 
 LATENT_GRID_PX = 4
 DEFAULT_DROPOUT = 0.1

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from monai.networks import nets
 
-from fedqc.errors import ConfigError
-from fedqc.train.device import autocast_context, eval_mode
-from fedqc.types import NUM_CLASSES
+from fedqc.core.errors import ConfigError
+from fedqc.core.device import autocast_context, eval_mode
+from fedqc.core.types import NUM_CLASSES
 
 ArrayOrTensor = "np.ndarray | torch.Tensor"
 

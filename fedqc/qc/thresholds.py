@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedqc.errors import DataError, FedqcError
+from fedqc.core.errors import DataError, FedqcError
 
 MIN_VALUES = 4  # fewer finite values leave the quartiles meaningless
 FORMAT = "fedqc-thresholds/1"

@@ -1,7 +1,7 @@
 """Losses and training loops: supervised (Eq. 1), QC autoencoder, semi-supervised refinement (Eq. 2).
 
 Import from the modules themselves (``fedqc.train.supervised``, ``fedqc.train.refine``, ...); this package
-re-exports nothing so that :mod:`fedqc.models` can use :mod:`fedqc.train.device` without an import cycle.
+re-exports nothing so that :mod:`fedqc.models` can use :mod:`fedqc.core.device` without an import cycle.
 
 - ``device``: device choice, bf16 autocast, seeding, CPU threads.
 - ``losses``: generalised Dice (Sudre), Eq. 1, deep supervision, L^R, Eq. 2's weighted term, alpha.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from monai.networks.layers import AffineTransform
 
-from fedqc.train.device import make_generator
+from fedqc.core.device import make_generator
 
 
 @dataclass(frozen=True)

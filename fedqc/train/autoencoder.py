@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedqc.errors import FedqcError
+from fedqc.core.errors import FedqcError
 from fedqc.train.checkpoints import Checkpoint, TopKCheckpoints
-from fedqc.train.device import autocast_context, eval_mode, make_generator, select_device, seed_everything
+from fedqc.core.device import autocast_context, eval_mode, make_generator, select_device, seed_everything
 from fedqc.train.losses import one_hot, qc_autoencoder_loss
 from fedqc.train.supervised import EpochStats
-from fedqc.types import NUM_CLASSES
+from fedqc.core.types import NUM_CLASSES
 
 ArrayOrTensor = np.ndarray | torch.Tensor
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from fedqc.errors import ConfigError
-from fedqc.types import NUM_CLASSES, Label
+from fedqc.core.errors import ConfigError
+from fedqc.core.types import NUM_CLASSES, Label
 
 SMOOTH = 1e-5
 

@@ -24,14 +24,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fedqc.errors import ConfigError
+from fedqc.core.errors import ConfigError
 from fedqc.models.segmenter import main_output, predict_probabilities
 from fedqc.train.augment import BatchAugmenter
-from fedqc.train.device import autocast_context, eval_mode
+from fedqc.core.device import autocast_context, eval_mode
 from fedqc.train.losses import (class_weights_with_rv, deep_supervised, one_hot, semi_supervised_term,
                                 supervised_loss)
 from fedqc.train.supervised import as_device_tensors
-from fedqc.types import NUM_CLASSES
+from fedqc.core.types import NUM_CLASSES
 
 ArrayOrTensor = np.ndarray | torch.Tensor
 AE_INPUTS = ("onehot", "softmax")

@@ -18,13 +18,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fedqc.errors import ConfigError, FedqcError
+from fedqc.core.errors import ConfigError, FedqcError
 from fedqc.models.segmenter import predict_probabilities
 from fedqc.train.augment import AugmentConfig, BatchAugmenter
 from fedqc.train.checkpoints import Checkpoint, TopKCheckpoints
-from fedqc.train.device import autocast_context, make_generator, select_device, seed_everything
+from fedqc.core.device import autocast_context, make_generator, select_device, seed_everything
 from fedqc.train.losses import deep_supervised, supervised_loss
-from fedqc.types import Label
+from fedqc.core.types import Label
 
 FOREGROUND: tuple[int, ...] = (Label.LV, Label.MYO, Label.RV)
 ArrayOrTensor = np.ndarray | torch.Tensor

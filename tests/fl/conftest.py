@@ -8,7 +8,7 @@ from fedqc.fl.rounds import FederationError
 from fedqc.fl.settings import FederationSettings
 from fedqc.fl.simulation import SimulationConfig, run_simulation
 
-TOY = "fedqc.fl.toy:make_toy_site"
+TOY = "tests.fl.toy:make_toy_site"
 
 
 def toy_settings(**changes) -> FederationSettings:

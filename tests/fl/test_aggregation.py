@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedqc.fl import rundir
+from fedqc.fl import run_state
 from fedqc.fl.aggregation import (
     BestRounds,
     Update,
@@ -86,9 +86,9 @@ def test_alpha_schedules():
 
 def test_weights_files_are_atomic_private_and_exact(tmp_path):
     weights = {"m0/seg/SA/w": np.arange(6, dtype=np.float32).reshape(2, 3), "ae/n": np.array(3)}
-    path = rundir.save_weights(tmp_path / "c" / "global.npz", weights)
+    path = run_state.save_weights(tmp_path / "c" / "global.npz", weights)
     assert path.stat().st_mode & 0o777 == 0o600
-    back = rundir.load_weights(path)
+    back = run_state.load_weights(path)
     assert set(back) == set(weights)
     np.testing.assert_array_equal(back["m0/seg/SA/w"], weights["m0/seg/SA/w"])
     assert not list(path.parent.glob(".*tmp"))
@@ -243,7 +243,7 @@ def test_one_scaled_up_attacker_moves_robust_aggregates_far_less_than_the_mean(m
 
 
 def test_federation_settings_validate_the_robust_options():
-    from fedqc.errors import ConfigError
+    from fedqc.core.errors import ConfigError
 
     FederationSettings(aggregation="median", norm_factor=0.0)
     for bad, key in [({"aggregation": "krum"}, "aggregation"), ({"trim_fraction": 0.5}, "trim_fraction"),

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from fedqc.errors import FedqcError
+from fedqc.core.errors import FedqcError
 from fedqc.fl import certs, processes
 from fedqc.fl.launch import SuperLink, SuperNode, run_client, run_server
-from fedqc.fl.local import one_round_each, run_local_federation, toy_sites
+from tests.fl.local import one_round_each, run_local_federation, toy_sites
 from fedqc.fl.settings import ClientSettings, ServerSettings
 
 pytestmark = pytest.mark.slow

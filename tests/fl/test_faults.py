@@ -19,7 +19,7 @@ import pytest
 
 from fedqc.fl import processes
 from fedqc.fl.launch import SuperNode
-from fedqc.fl.local import one_round_each, toy_sites
+from tests.fl.local import one_round_each, toy_sites
 from fedqc.fl.settings import ClientSettings
 
 pytestmark = pytest.mark.slow

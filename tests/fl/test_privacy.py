@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fedqc.exchange import ALLOWED_METRIC_KEYS, candidate_prefix
-from fedqc.fl import records, toy
+from fedqc.site.contract import ALLOWED_METRIC_KEYS, candidate_prefix
+from fedqc.fl import records
+from tests.fl import toy
 from fedqc.fl.settings import DEFAULT_NORM_PATTERN
 
 pytestmark = pytest.mark.slow

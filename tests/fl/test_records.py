@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedqc.exchange import MetricKey
+from fedqc.site.contract import MetricKey
 from fedqc.fl import records
 
 

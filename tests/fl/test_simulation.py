@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fedqc.fl import rundir
+from fedqc.fl import run_state
 from fedqc.fl.rounds import FederationError
 from fedqc.fl.simulation import SimulationConfig, run_simulation
 
@@ -17,20 +17,20 @@ pytestmark = pytest.mark.slow
 
 
 def _log(run_dir):
-    return json.loads((run_dir / rundir.LOG).read_text())
+    return json.loads((run_dir / run_state.LOG).read_text())
 
 
 def test_every_phase_runs_and_the_run_directory_is_complete(fedprox_run):
-    summary = json.loads((fedprox_run / rundir.SUMMARY).read_text())
+    summary = json.loads((fedprox_run / run_state.SUMMARY).read_text())
     phases = [(row["phase"], row["round"]) for row in _log(fedprox_run)]
     assert phases == [("init", 0), ("supervised", 1), ("supervised", 2), ("supervised-evaluate", 2),
                       ("qc-autoencoder", 1), ("refine", 1), ("refine", 2), ("predict", 1)]
     assert summary["status"] == "completed" and summary["exchanges"] == 8
     assert len(summary["m_best"]) == 2 and all(v is not None for v in summary["val_scores"].values())
-    assert json.loads((fedprox_run / rundir.STATE).read_text())["phase"] == "done"
+    assert json.loads((fedprox_run / run_state.STATE).read_text())["phase"] == "done"
     for site in "ABC":
         assert (fedprox_run / "sites" / site / "predictions.npz").is_file()
-    kept = sorted(p.name for p in (fedprox_run / rundir.CHECKPOINTS).glob("supervised-*.npz"))
+    kept = sorted(p.name for p in (fedprox_run / run_state.CHECKPOINTS).glob("supervised-*.npz"))
     assert kept == [f"supervised-{r:03d}.npz" for r in sorted(summary["m_best"])]
     coordinator_files = [p for p in fedprox_run.rglob("*") if p.is_file() and "sites" not in p.parts]
     assert coordinator_files and all(p.stat().st_mode & 0o077 == 0 for p in coordinator_files)
@@ -48,18 +48,18 @@ def test_refinement_changed_the_global_model_with_alpha_per_round(fedprox_run):
     rows = [r for r in _log(fedprox_run) if r["phase"] == "refine"]
     assert [r["alpha"] for r in rows] == [1.0, 0.5]
     assert all(r["num_flagged"]["A"] == 24 and r["aggregated_from"] for r in rows)
-    best = json.loads((fedprox_run / rundir.SUMMARY).read_text())["m_best"]
-    final = rundir.load_weights(rundir.current_global(fedprox_run))
+    best = json.loads((fedprox_run / run_state.SUMMARY).read_text())["m_best"]
+    final = run_state.load_weights(run_state.current_global(fedprox_run))
     for i, round_ in enumerate(best):
-        before = rundir.load_weights(rundir.supervised_checkpoint(fedprox_run, round_))
+        before = run_state.load_weights(run_state.supervised_checkpoint(fedprox_run, round_))
         assert not np.allclose(final[f"m{i}/seg/SA/conv.weight"], before["seg/SA/conv.weight"])
 
 
 def test_fedbn_keeps_normalisation_layers_out_of_the_global_model(audited_run):
-    final = rundir.load_weights(rundir.current_global(audited_run))
+    final = run_state.load_weights(run_state.current_global(audited_run))
     np.testing.assert_array_equal(final["m0/seg/SA/bn.weight"], np.ones(4, np.float32))
     np.testing.assert_array_equal(final["m0/seg/SA/bn.running_mean"], np.zeros(4, np.float32))
-    before = rundir.load_weights(rundir.checkpoint_path(audited_run, "supervised-001"))
+    before = run_state.load_weights(run_state.checkpoint_path(audited_run, "supervised-001"))
     assert not np.allclose(final["m1/seg/SA/conv.weight"], np.zeros_like(before["seg/SA/conv.weight"]))
 
 
@@ -84,7 +84,7 @@ def test_resume_after_a_failed_round_continues_where_it_stopped(failed_then_resu
     phases = [r["phase"] for r in rows]
     assert phases.count("init") == 1 and phases.count("supervised") == 1 and phases.count("refine") == 1
     assert phases[-2:] == ["predict", "predict"] and "error" in rows[-2]
-    assert json.loads((run_dir / rundir.SUMMARY).read_text())["status"] == "completed"
+    assert json.loads((run_dir / run_state.SUMMARY).read_text())["status"] == "completed"
     assert rows[-1]["server_round"] == rows[-3]["server_round"] + 2  # the failed exchange counts
 
 

@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedqc.exchange import ConfigKey, MetricKey, Task, candidate_prefix
+from fedqc.site.contract import ConfigKey, MetricKey, Task, candidate_prefix
 from fedqc.fl import appdir, records, site_runner
 from fedqc.fl.rounds import (
     AE_HASH,
@@ -19,7 +19,7 @@ from fedqc.fl.rounds import (
 )
 from fedqc.fl.settings import DEFAULT_NORM_PATTERN
 
-FACTORY = "fedqc.fl.toy:make_toy_site"
+FACTORY = "tests.fl.toy:make_toy_site"
 
 
 @pytest.fixture(autouse=True)

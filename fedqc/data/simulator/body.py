@@ -14,7 +14,7 @@ from fedqc.data.simulator.anatomy import BodyShape
 from fedqc.data.simulator.heart import Layer
 from fedqc.data.simulator.shapes import ellipsoid_sdf, wave_field
 from fedqc.data.simulator.tissue import Tissue
-from fedqc.types import FloatArray
+from fedqc.core.types import FloatArray
 
 _DOME_RADIUS_MM = 120.0
 

@@ -19,7 +19,7 @@ from fedqc.data.simulator.heart import HeartLayers, Layer, heart_layers
 from fedqc.data.simulator.planes import SlicePlane
 from fedqc.data.simulator.shapes import inside_fraction, wave_field
 from fedqc.data.simulator.tissue import TEXTURE_AMPLITUDE, TISSUE_NAMES, Tissue
-from fedqc.types import FloatArray, Label, LabelArray
+from fedqc.core.types import FloatArray, Label, LabelArray
 
 #: Half-size of the square around the heart that gets the detailed, multi-depth rendering.
 HEART_HALF_SIZE_MM = 90.0

@@ -17,7 +17,7 @@ import numpy as np
 from fedqc.data.simulator.planes import StackGeometry
 from fedqc.data.simulator.presets import REFERENCE_APPEARANCE, CentreSpec
 from fedqc.data.simulator.tissue import blend_contrast
-from fedqc.types import FloatArray
+from fedqc.core.types import FloatArray
 
 
 @dataclass(frozen=True)

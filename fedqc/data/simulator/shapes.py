@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedqc.types import FloatArray
+from fedqc.core.types import FloatArray
 
 _EPS = np.float32(1e-6)
 

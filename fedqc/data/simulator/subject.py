@@ -12,7 +12,7 @@ from fedqc.data.simulator.presets import CentreSpec
 from fedqc.data.simulator.render import render_plane
 from fedqc.data.simulator.scanner import Protocol, acquire, exam_fields, sample_protocol, to_stored
 from fedqc.data.simulator.tissue import contrast_vector
-from fedqc.types import PHASES, VIEWS, Phase, View
+from fedqc.core.types import PHASES, VIEWS, Phase, View
 
 
 @dataclass(frozen=True)

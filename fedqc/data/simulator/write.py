@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fedqc.types import Label
+from fedqc.core.types import Label
 
 #: The M&Ms-2 columns first, then the simulator's own.
 CSV_COLUMNS: tuple[str, ...] = (

@@ -16,11 +16,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedqc.fl import appdir, certs, processes, rundir
+from fedqc.fl import appdir, certs, processes, run_state
 from fedqc.fl.launch import Echo, SuperLink, SuperNode
 from fedqc.fl.settings import ClientSettings, FederationSettings, Scalar, ServerSettings
 
-TOY_FACTORY = "fedqc.fl.toy:make_toy_site"
+TOY_FACTORY = "tests.fl.toy:make_toy_site"
 
 
 @dataclass
@@ -73,7 +73,7 @@ def run_local_federation(run_dir: Path, sites: Sequence[Mapping[str, Scalar]], f
         echo: where the run's log lines go.
         max_seconds: stop the run after this long.
     """
-    run_dir = rundir.private_dir(Path(run_dir).resolve())
+    run_dir = run_state.private_dir(Path(run_dir).resolve())
     result = LocalRun(run_dir=run_dir)
     started = time.monotonic()
     tls_files = certs.make_tls_files(run_dir / "pki") if tls else None
@@ -106,13 +106,13 @@ def run_local_federation(run_dir: Path, sites: Sequence[Mapping[str, Scalar]], f
                 result.pids.append(node.proc.pid)
             result.run_id = link.submit(app, echo=echo, max_seconds=max_seconds)
             result.status = link.status(result.run_id)
-        rundir.write_json(run_dir / "flower-run.json", result.status)
+        run_state.write_json(run_dir / "flower-run.json", result.status)
     finally:
         for owner in [link, *nodes]:
             result.pids.extend(p for p in owner.stopped_pids if p not in result.pids)
         result.pids.extend(link.cli_pids)
         result.seconds = time.monotonic() - started
-    summary = run_dir / rundir.SUMMARY
+    summary = run_dir / run_state.SUMMARY
     result.summary = json.loads(summary.read_text()) if summary.is_file() else None
     return result
 

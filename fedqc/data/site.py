@@ -20,8 +20,8 @@ from fedqc.config import Config, PreprocessConfig, SiteConfig
 from fedqc.data.mnms2 import Case, discover_cases, filter_cases
 from fedqc.data.cache import load_preprocessed
 from fedqc.data.preprocess import Geometry, PreprocessSpec
-from fedqc.errors import DataError
-from fedqc.types import View
+from fedqc.core.errors import DataError
+from fedqc.core.types import View
 
 
 @dataclass

@@ -16,9 +16,9 @@ import numpy as np
 
 from fedqc.data.mnms2 import Case, discover_cases
 from fedqc.data.nifti import load_image, load_label
-from fedqc.errors import DataError
+from fedqc.core.errors import DataError
 from fedqc.qc.metrics import dice, hausdorff_mm
-from fedqc.types import CLASS_NAMES
+from fedqc.core.types import CLASS_NAMES
 
 STRATA = ("VENDOR", "CENTRE", "DISEASE")
 

@@ -1,4 +1,4 @@
-"""One hospital's side of the federated protocol (a :class:`fedqc.exchange.SiteAlgo`), Flower-free.
+"""One hospital's side of the federated protocol (a :class:`fedqc.site.contract.SiteAlgo`), Flower-free.
 
 The coordinator sends tasks with weights; the site runs the stages of ``fedqc.method`` on its own
 data and answers with weights and scalar counts only. Images, masks, reconstructions, per-case
@@ -23,9 +23,9 @@ import torch
 import yaml
 
 from fedqc.config import Config, config_from_dict
-from fedqc.exchange import ConfigKey, MetricKey, Scalar, SiteReply, Task, Weights, candidate_prefix
-from fedqc.site_data import SiteSplit, load_site_split, stack_slices
-from fedqc.types import View
+from fedqc.site.contract import ConfigKey, MetricKey, Scalar, SiteReply, Task, Weights, candidate_prefix
+from fedqc.data.site import SiteSplit, load_site_split, stack_slices
+from fedqc.core.types import View
 
 NODE_SITE_KEYS = ("root", "filter", "labelled", "layout", "test-fraction", "label-remap")
 
@@ -101,7 +101,7 @@ class FedqcSite:
     """A hospital: lazily reads and caches its data per view, answers the coordinator's tasks."""
 
     def __init__(self, config: Config, node_config: Mapping[str, Scalar]):
-        from fedqc.train.device import select_device
+        from fedqc.core.device import select_device
 
         self.config = config
         self.site = config.sites[0]
@@ -121,7 +121,7 @@ class FedqcSite:
     # -- protocol ----------------------------------------------------------------------------------
 
     def run(self, task: Task, weights: Mapping[str, np.ndarray] | None, config: Mapping[str, Scalar]) -> SiteReply:
-        from fedqc import site_tasks
+        from fedqc.site import tasks as site_tasks
 
         started = time.perf_counter()
         epochs = int(config.get(ConfigKey.LOCAL_EPOCHS, 1))

@@ -1,4 +1,4 @@
-"""What a site does for each task of the federated protocol (``fedqc.site.FedqcSite.run``).
+"""What a site does for each task of the federated protocol (``fedqc.site.algorithm.FedqcSite.run``).
 
 SUPERVISED and QC_AUTOENCODER: local epochs of Eq. 1 / the autoencoder loss on the site's labelled
 slices, from the global weights (FedProx adds its proximal term through gradient hooks).
@@ -15,11 +15,11 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from fedqc.exchange import ConfigKey, MetricKey, Scalar, SiteReply, Task, candidate_prefix
+from fedqc.site.contract import ConfigKey, MetricKey, Scalar, SiteReply, Task, candidate_prefix
 from fedqc.method import optimiser_config
-from fedqc.run_dir import atomic_write_bytes, new_autoencoder, new_segmenter
-from fedqc.site import FedqcSite
-from fedqc.train.device import make_generator, seed_everything
+from fedqc.models.run_folder import atomic_write_bytes, new_autoencoder, new_segmenter
+from fedqc.site.algorithm import FedqcSite
+from fedqc.core.device import make_generator, seed_everything
 from fedqc.train.supervised import OptimiserConfig, build_optimiser, scheduled_lr, train_one_epoch
 
 M = MetricKey
@@ -196,7 +196,7 @@ def site_fences(site: FedqcSite, view: str, models, ae, pool_scores=None):
 
 
 def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
-    from fedqc.inference import score_cases
+    from fedqc.qc.scoring import score_cases
     from fedqc.qc.ood import flag_ood
     from fedqc.train.refine import refine_epoch
 
@@ -255,9 +255,9 @@ def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs:
 
 def predict(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
     """QC-based selection on every case of the site; files stay in ``WORK/predictions``."""
-    from fedqc.commands import qc_csv_text
-    from fedqc.predict import predict_cases
-    from fedqc.site_data import site_cases
+    from fedqc.cli.commands import qc_csv_text
+    from fedqc.predict.folder import predict_cases
+    from fedqc.data.site import site_cases
 
     m = int(config.get(ConfigKey.NUM_CANDIDATES, 1))
     out_dir = site.work_dir / "predictions"

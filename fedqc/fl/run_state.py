@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fedqc.exchange import Weights
+from fedqc.site.contract import Weights
 
 STATE = "state.json"
 LOG = "log.json"

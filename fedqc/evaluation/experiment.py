@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from fedqc.ablation import BAD_DICE, calibration, score_case_variants, summarise_variants
-from fedqc.commands import ensure_data
+from fedqc.evaluation.variants import BAD_DICE, calibration, score_case_variants, summarise_variants
+from fedqc.cli.commands import ensure_data
 from fedqc.config import Config, load_config
-from fedqc.inference import score_cases
+from fedqc.qc.scoring import score_cases
 from fedqc.method import fit_thresholds, models_from_states, refine, train_supervised
 from fedqc.qc.ood import flag_ood
-from fedqc.run_dir import new_autoencoder, write_json
-from fedqc.site_data import load_site_split
-from fedqc.train.device import select_device
+from fedqc.models.run_folder import new_autoencoder, write_json
+from fedqc.data.site import load_site_split
+from fedqc.core.device import select_device
 
 
 def _autoencoder(config, state, device):

@@ -1,7 +1,7 @@
 """Command-line entry points: ``fedqc`` (sub-commands), ``fedqc-server`` and ``fedqc-client``.
 
 Heavy libraries (torch, MONAI, Flower) are imported inside the commands so ``--help`` is instant.
-Every user-facing failure is a :class:`fedqc.errors.FedqcError`, printed as one clear line
+Every user-facing failure is a :class:`fedqc.core.errors.FedqcError`, printed as one clear line
 (exit status 2) instead of a traceback.
 """
 
@@ -27,38 +27,38 @@ def _cmd_simulate_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fedqc.commands import train_command
+    from fedqc.cli.commands import train_command
 
     return train_command(Path(args.config), Path(args.out), overrides=_overrides(args.set))
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
-    from fedqc.commands import refine_command
+    from fedqc.cli.commands import refine_command
 
     return refine_command(Path(args.config), Path(args.run), overrides=_overrides(args.set))
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from fedqc.commands import predict_command
+    from fedqc.cli.commands import predict_command
 
     return predict_command(Path(args.run), Path(args.data), Path(args.out), stage=args.stage)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedqc.commands import evaluate_command
+    from fedqc.cli.commands import evaluate_command
 
     return evaluate_command(Path(args.data), Path(args.pred), json_path=None if args.json is None else Path(args.json))
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
-    from fedqc.experiment import ablation_command
+    from fedqc.evaluation.experiment import ablation_command
 
     return ablation_command(Path(args.config), Path(args.out), seeds=args.seeds, overrides=_overrides(args.set),
                             report_from=[Path(p) for p in args.report_from or ()])
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedqc.commands import simulate_command
+    from fedqc.cli.commands import simulate_command
 
     return simulate_command(Path(args.config), None if args.out is None else Path(args.out),
                             overrides=_overrides(args.set))
@@ -68,7 +68,7 @@ def _overrides(pairs: Sequence[str] | None) -> dict[str, object]:
     """``--set train.epochs=2`` pairs, values parsed as YAML scalars."""
     import yaml
 
-    from fedqc.errors import ConfigError
+    from fedqc.core.errors import ConfigError
 
     result: dict[str, object] = {}
     for pair in pairs or ():
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(func: Callable[[], int]) -> int:
-    from fedqc.errors import FedqcError
+    from fedqc.core.errors import FedqcError
 
     try:
         return func()
@@ -198,7 +198,7 @@ def server_main(argv: Sequence[str] | None = None) -> int:
     _start()
 
     def go() -> int:
-        from fedqc.fl.commands import server_command
+        from fedqc.cli.federation import server_command
 
         return server_command(Path(args.config), run_dir=None if args.run_dir is None else Path(args.run_dir),
                               insecure=args.insecure, resume=None if args.resume is None else Path(args.resume))
@@ -218,7 +218,7 @@ def client_main(argv: Sequence[str] | None = None) -> int:
     _start()
 
     def go() -> int:
-        from fedqc.fl.commands import client_command
+        from fedqc.cli.federation import client_command
 
         return client_command(Path(args.config), insecure=args.insecure)
 

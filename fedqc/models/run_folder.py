@@ -23,10 +23,10 @@ import torch
 import yaml
 
 from fedqc.config import Config, config_from_dict, to_dict
-from fedqc.errors import DataError
+from fedqc.core.errors import DataError
 from fedqc.models.qc_autoencoder import build_qc_autoencoder
 from fedqc.models.segmenter import build_segmenter
-from fedqc.types import View
+from fedqc.core.types import View
 
 STAGES = ("supervised", "refined")
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedqc.config import SiteConfig, load_config, read_yaml
-from fedqc.config_schema import build
-from fedqc.errors import ConfigError
+from fedqc.config.schema import build
+from fedqc.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def _exists(path: Path | None, key: str, source: Path) -> None:
 
 
 def server_command(config_path: Path, run_dir: Path | None, insecure: bool, resume: Path | None) -> int:
-    from fedqc.federation import federation_settings
+    from fedqc.fl.from_config import federation_settings
     from fedqc.fl.launch import run_server
     from fedqc.fl.settings import ServerSettings, TlsFiles
 
@@ -97,14 +97,14 @@ def server_command(config_path: Path, run_dir: Path | None, insecure: bool, resu
     target = Path(resume or run_dir or server.run_dir)
     code = run_server(source, target, insecure, settings=settings, resume=resume is not None)
     if (target / "log.json").is_file():
-        from fedqc.report import round_log_pngs
+        from fedqc.evaluation.figures import round_log_pngs
 
         round_log_pngs(target)
     return code
 
 
 def client_command(config_path: Path, insecure: bool) -> int:
-    from fedqc.federation import node_config
+    from fedqc.fl.from_config import node_config
     from fedqc.fl.launch import run_client
     from fedqc.fl.settings import ClientSettings
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fedqc.errors import ConfigError
+from fedqc.core.errors import ConfigError
 
 
 def select_device(preference: str | torch.device = "auto") -> torch.device:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedqc.exchange import (
+from fedqc.site.contract import (
     ConfigKey,
     MetricKey,
     Scalar,
@@ -72,7 +72,7 @@ def _load(model: nn.Module, weights: Mapping[str, np.ndarray], prefix: str) -> N
 
 
 def make_toy_site(node_config: Mapping[str, Scalar], run_config: Mapping[str, Scalar]) -> ToySiteAlgo:
-    """Factory with the ``make_site_algo`` signature (``fedqc.fl.toy:make_toy_site``)."""
+    """Factory with the ``make_site_algo`` signature (``tests.fl.toy:make_toy_site``)."""
     return ToySiteAlgo(node_config, run_config)
 
 
@@ -106,7 +106,7 @@ class ToySiteAlgo:
     # -- tasks ------------------------------------------------------------------------------------
 
     def run(self, task: Task, weights: Mapping[str, np.ndarray] | None, config: Mapping[str, Scalar]) -> SiteReply:
-        """Do ``task`` (see :class:`fedqc.exchange.SiteAlgo`)."""
+        """Do ``task`` (see :class:`fedqc.site.contract.SiteAlgo`)."""
         started = time.perf_counter()
         if task == self.fail_task:
             raise RuntimeError(f"toy failure reading /private/{self.site}/patient-0001.nii.gz")

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from fedqc.errors import ConfigError
+from fedqc.core.errors import ConfigError
 
 
 def build(cls: type, data: Any, key: str, source: Path | None) -> Any:

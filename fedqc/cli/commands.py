@@ -1,7 +1,7 @@
 """The centralised commands: ``fedqc train``, ``refine``, ``predict``, ``evaluate`` and ``simulate``.
 
 Each command reads its inputs, runs the stages of ``fedqc.method`` and writes its outputs into a
-run directory (``fedqc.run_dir``) or a prediction folder, printing progress and ending with a
+run directory (``fedqc.models.run_folder``) or a prediction folder, printing progress and ending with a
 readable summary table.
 """
 
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from fedqc.config import Config, load_config
-from fedqc.errors import DataError, FedqcError
+from fedqc.core.errors import DataError, FedqcError
 
 
 def ensure_data(config: Config, progress=print) -> None:
@@ -32,7 +32,7 @@ def ensure_data(config: Config, progress=print) -> None:
 
 
 def _prepare(config: Config, view, progress=print):
-    from fedqc.site_data import load_site_split
+    from fedqc.data.site import load_site_split
 
     return [load_site_split(site, view, config, progress=progress) for site in config.sites]
 
@@ -40,10 +40,10 @@ def _prepare(config: Config, view, progress=print):
 def train_command(config_path: Path, run: Path, overrides=None) -> int:
     from fedqc.method import fit_thresholds, models_from_states, train_supervised
     from fedqc.qc.thresholds import ThresholdFitError
-    from fedqc.report import format_table
-    from fedqc.run_dir import (load_autoencoder, save_autoencoder, save_candidates, save_config, thresholds_path,
+    from fedqc.evaluation.figures import format_table
+    from fedqc.models.run_folder import (load_autoencoder, save_autoencoder, save_candidates, save_config, thresholds_path,
                                write_json)
-    from fedqc.train.device import select_device
+    from fedqc.core.device import select_device
 
     config = load_config(config_path, overrides)
     if not config.labelled_sites:
@@ -88,7 +88,7 @@ def site_thresholds(config: Config, run: Path, view, models, ae, splits, device)
     """Each unlabelled site's fences: fitted on its own pool, or the labelled-validation ones."""
     from fedqc.method import fit_thresholds
     from fedqc.qc.thresholds import Thresholds
-    from fedqc.run_dir import thresholds_path
+    from fedqc.models.run_folder import thresholds_path
 
     result = {}
     for split in splits:
@@ -105,9 +105,9 @@ def site_thresholds(config: Config, run: Path, view, models, ae, splits, device)
 
 def refine_command(config_path: Path, run: Path, overrides=None) -> int:
     from fedqc.method import refine
-    from fedqc.report import format_table
-    from fedqc.run_dir import load_autoencoder, load_candidates, save_candidates, write_json
-    from fedqc.train.device import select_device
+    from fedqc.evaluation.figures import format_table
+    from fedqc.models.run_folder import load_autoencoder, load_candidates, save_candidates, write_json
+    from fedqc.core.device import select_device
 
     config = load_config(config_path, overrides)
     ensure_data(config)
@@ -135,9 +135,9 @@ def refine_command(config_path: Path, run: Path, overrides=None) -> int:
 
 def predict_command(run: Path, data: Path, out: Path, stage: str = "refined") -> int:
     from fedqc.data.mnms2 import discover_cases
-    from fedqc.predict import predict_folder
+    from fedqc.predict.folder import predict_folder
 
-    from fedqc.run_dir import load_run_config
+    from fedqc.models.run_folder import load_run_config
 
     config = load_run_config(run)
     cases = discover_cases(data, views=config.views)
@@ -150,8 +150,8 @@ def predict_command(run: Path, data: Path, out: Path, stage: str = "refined") ->
 
 
 def evaluate_command(data: Path, pred: Path, json_path: Path | None = None) -> int:
-    from fedqc.evaluate import evaluate_predictions, format_summary, results_as_json
-    from fedqc.run_dir import write_json
+    from fedqc.evaluation.evaluate import evaluate_predictions, format_summary, results_as_json
+    from fedqc.models.run_folder import write_json
 
     results = evaluate_predictions(data, pred)
     print(format_summary(results))
@@ -163,7 +163,7 @@ def evaluate_command(data: Path, pred: Path, json_path: Path | None = None) -> i
 
 def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int:
     """``fedqc simulate``: the whole federation on this machine, then the per-site ablation report."""
-    from fedqc.federation import federated_report, federation_settings, node_config
+    from fedqc.fl.from_config import federated_report, federation_settings, node_config
     from fedqc.fl.simulation import SimulationConfig, run_simulation, summary
 
     config = load_config(config_path, overrides)
@@ -177,7 +177,7 @@ def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int
     seconds = time.perf_counter() - start
     print(f"federation finished in {seconds:.0f} s; scoring each site's held-out test subjects")
     table = federated_report(config, run)
-    from fedqc.report import round_log_pngs
+    from fedqc.evaluation.figures import round_log_pngs
 
     plots = round_log_pngs(run)
     info = summary(run)

@@ -19,9 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
-from fedqc.config_schema import build
-from fedqc.errors import ConfigError
-from fedqc.types import View
+from fedqc.config.schema import build
+from fedqc.core.errors import ConfigError
+from fedqc.core.types import View
 
 FilterValue = str | int | float | tuple[str | int | float, ...]
 

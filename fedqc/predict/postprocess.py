@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from fedqc.types import CLASS_NAMES
+from fedqc.core.types import CLASS_NAMES
 
 
 def largest_component_per_structure(labels: np.ndarray) -> np.ndarray:

@@ -18,13 +18,13 @@ from fedqc.data.mnms2 import Case
 from fedqc.data.nifti import load_image, save_label
 from fedqc.data.preprocess import restore_probabilities
 from fedqc.method import fit_thresholds, predict_case
-from fedqc.postprocess import largest_component_per_structure
+from fedqc.predict.postprocess import largest_component_per_structure
 from fedqc.qc.thresholds import Thresholds
-from fedqc.report import overlay_png
-from fedqc.run_dir import (atomic_write_bytes, has_stage, load_autoencoder, load_candidates, thresholds_path)
-from fedqc.site_data import prepare_case, spec_from_config
-from fedqc.train.device import select_device
-from fedqc.types import View
+from fedqc.evaluation.figures import overlay_png
+from fedqc.models.run_folder import (atomic_write_bytes, has_stage, load_autoencoder, load_candidates, thresholds_path)
+from fedqc.data.site import prepare_case, spec_from_config
+from fedqc.core.device import select_device
+from fedqc.core.types import View
 
 MIN_CASES_FOR_FENCES = 4
 
@@ -74,7 +74,7 @@ def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.n
 def predict_folder(config: Config, run: Path, cases: Sequence[Case], out: Path, stage: str = "refined",
                    progress: Callable[[str], None] | None = print) -> list[dict]:
     """``fedqc predict``: every view of the run, then ``qc.csv`` (written once, atomically)."""
-    from fedqc.commands import qc_csv_text
+    from fedqc.cli.commands import qc_csv_text
 
     device = select_device(config.train.device)
     out.mkdir(parents=True, exist_ok=True)
