@@ -44,9 +44,9 @@ def _site(config_path: Path, data: Path, subjects: int, preset: str, seed: int):
 
 def local_rounds(settings, node: dict, rounds: int) -> list[dict]:
     """The site's work for ``rounds`` supervised rounds, in this process."""
-    from fedqc.site.contract import ConfigKey, Task
     from fedqc.fl.appdir import run_config, site_run_config
     from fedqc.fl.site_runner import load_factory
+    from fedqc.site.contract import ConfigKey, Task
 
     started = time.perf_counter()
     algo = load_factory(settings.site_factory)(node, site_run_config(run_config(settings, Path(node["work-dir"]))))

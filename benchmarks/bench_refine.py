@@ -82,9 +82,14 @@ CLOCK = Clock()  # fedqc.method's scoring pass and refinement epochs, wrapped on
 
 def bare_refine_epoch(model, ae, flagged, images_l, labels_l, alpha, batch, opt, weights) -> None:
     """Eq. 2 steps over contiguous batches: the same forward, pseudo ground truth and losses as refine_epoch."""
-    from fedqc.models.segmenter import main_output
     from fedqc.core.device import autocast_context
-    from fedqc.train.losses import deep_supervised, one_hot, semi_supervised_term, supervised_loss
+    from fedqc.models.segmenter import main_output
+    from fedqc.train.losses import (
+        deep_supervised,
+        one_hot,
+        semi_supervised_term,
+        supervised_loss,
+    )
 
     device = flagged.device
     model.train()
@@ -141,9 +146,9 @@ def loop_compare(model, ae, pool, images, labels, n_slices, batch, device) -> di
 
 
 def run_view(config, view, data: Path, device, args) -> tuple[dict, dict | None]:
-    from fedqc.qc.thresholds import ThresholdFitError
-    from fedqc.models.run_folder import new_autoencoder
     from fedqc.data.site import load_site_split, stack_slices
+    from fedqc.models.factory import new_autoencoder
+    from fedqc.qc.thresholds import ThresholdFitError
 
     cache = data / "cache"
     row: dict = {"view": view}

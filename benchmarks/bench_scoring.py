@@ -40,8 +40,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_qc_metrics import LA_SPACING_MM, SA_SPACING_MM, heart_stack
 
-from fedqc.qc.scoring import QC_CLASSES, reconstruct, score_cases, scores_on_device, scores_on_host, segment
 from fedqc.qc.metrics import pseudo_scores_batch
+from fedqc.qc.scoring import (
+    QC_CLASSES,
+    reconstruct,
+    score_cases,
+    scores_on_device,
+    scores_on_host,
+    segment,
+)
 
 STEPS = ("copy_h2d", "segmenter", "autoencoder", "metrics", "copy_d2h")
 
@@ -69,9 +76,9 @@ def make_site(rng: np.random.Generator, n_sa: int, n_la: int, size: int) -> list
 def train_candidates(train: list[SynthCase], preset: str, size: int, epochs: int, ae_epochs: int, m: int,
                      device: torch.device, seed: int = 0) -> tuple[list[torch.nn.Module], torch.nn.Module]:
     """m snapshots (the last m epochs) of one briefly trained segmenter, and a briefly trained autoencoder."""
+    from fedqc.core.device import make_generator, seed_everything
     from fedqc.models import build_qc_autoencoder, build_segmenter
     from fedqc.train.autoencoder import autoencoder_one_epoch
-    from fedqc.core.device import make_generator, seed_everything
     from fedqc.train.supervised import as_device_tensors, train_one_epoch
 
     images = np.concatenate([c.images for c in train])[:, None]

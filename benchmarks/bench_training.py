@@ -54,9 +54,9 @@ def images_per_second(run: Callable[[], None], n_images: int, device: torch.devi
 
 def bench_variant(preset: str, size: int, batch: int, steps: int, repeats: int, device: torch.device,
                   autocast: bool, channels_last: bool, compile_model: bool) -> dict:
+    from fedqc.core.device import make_generator
     from fedqc.models import build_segmenter
     from fedqc.train.augment import BatchAugmenter
-    from fedqc.core.device import make_generator
     from fedqc.train.supervised import train_one_epoch
 
     n = batch * steps

@@ -17,9 +17,9 @@ import yaml
 
 from fedqc.cli.main import main
 from fedqc.config import config_from_dict
-from fedqc.site.contract import candidate_prefix
 from fedqc.fl import processes, run_state
-from fedqc.models.run_folder import new_autoencoder, new_segmenter
+from fedqc.models.factory import new_autoencoder, new_segmenter
+from fedqc.site.contract import candidate_prefix
 from tests.conftest import tiny_config_dict
 from tests.fl.test_privacy import audit_problems
 
@@ -57,8 +57,8 @@ def test_simulated_federation_every_phase_report_and_privacy(tiny_data, tmp_path
     assert {"supervised", "qc-autoencoder", "refine", "predict"} <= set(phases)
     # Refinement changed the global model: the refined candidate 0 differs from the supervised one.
     state = run_state.read_json(run / run_state.STATE)
-    final = run_state.load_weights(run / state["weights"])
-    supervised = run_state.load_weights(run_state.supervised_checkpoint(run, state["candidates"][0]))
+    final = run_state.load_arrays(run / state["weights"])
+    supervised = run_state.load_arrays(run_state.supervised_checkpoint(run, state["candidates"][0]))
     assert any(not np.array_equal(final[candidate_prefix(0) + k], v) for k, v in supervised.items())
     # Every message each site sent: model-shaped weights and allowed scalar metrics, nothing else.
     shapes = parameter_shapes(data, m_best=2)

@@ -10,9 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from fedqc.config import QCConfig
-from fedqc.qc.scoring import reconstruct, score_cases, scores_on_device, scores_on_host, segment
-from fedqc.qc.metrics import pseudo_scores
 from fedqc.data.site import PreparedCase
+from fedqc.qc.metrics import pseudo_scores
+from fedqc.qc.scoring import (
+    reconstruct,
+    score_cases,
+    scores_on_device,
+    scores_on_host,
+    segment,
+)
 
 
 class Threshold(torch.nn.Module):

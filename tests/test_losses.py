@@ -8,10 +8,18 @@ import torch.nn.functional as F
 from monai.losses import GeneralizedDiceLoss
 
 from fedqc.core.errors import ConfigError
-from fedqc.train.losses import (alpha_schedule, class_weights_with_rv, deep_supervised,
-                                deep_supervision_weights, generalized_dice_loss, one_hot,
-                                qc_autoencoder_loss, semi_supervised_term, supervised_loss)
 from fedqc.core.types import Label
+from fedqc.train.losses import (
+    alpha_schedule,
+    class_weights_with_rv,
+    deep_supervised,
+    deep_supervision_weights,
+    generalized_dice_loss,
+    one_hot,
+    qc_autoencoder_loss,
+    semi_supervised_term,
+    supervised_loss,
+)
 
 
 @pytest.fixture

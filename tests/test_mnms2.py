@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fedqc.core.errors import ConfigError, DataError
 from fedqc.data.mnms2 import (
     Case,
     discover_cases,
@@ -16,7 +17,6 @@ from fedqc.data.mnms2 import (
     split_cases,
     subject_key,
 )
-from fedqc.core.errors import ConfigError, DataError
 
 CSV = """SUBJECT_CODE,DISEASE,VENDOR,SCANNER,FIELD,CENTRE
 1,NOR,SIEMENS,Avanto,1.5,1

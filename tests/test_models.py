@@ -7,9 +7,18 @@ import torch
 from torch import nn
 
 from fedqc.core.errors import ConfigError
-from fedqc.models import build_qc_autoencoder, build_segmenter, count_parameters, main_output
+from fedqc.models import (
+    build_qc_autoencoder,
+    build_segmenter,
+    count_parameters,
+    main_output,
+)
 from fedqc.models.qc_autoencoder import encoder_plan
-from fedqc.models.segmenter import dynunet_num_pools, predict_probabilities, preset_kwargs
+from fedqc.models.segmenter import (
+    dynunet_num_pools,
+    predict_probabilities,
+    preset_kwargs,
+)
 
 TINY_DYNUNET = {"filters": [4, 8, 16, 32]}
 

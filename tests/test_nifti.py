@@ -14,8 +14,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedqc.data.nifti import ACDC_REMAP, Volume, load_image, load_label, save_image, save_label
 from fedqc.core.errors import DataError
+from fedqc.data.nifti import (
+    ACDC_REMAP,
+    Volume,
+    load_image,
+    load_label,
+    save_image,
+    save_label,
+)
 
 AFFINE = np.array([[1.5, 0, 0, -40.0], [0, 1.5, 0, 12.5], [0, 0, 8.0, 3.0], [0, 0, 0, 1]])
 

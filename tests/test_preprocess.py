@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from fedqc.core.errors import ConfigError
 from fedqc.data.cache import load_preprocessed
 from fedqc.data.mnms2 import Case
 from fedqc.data.nifti import Volume, load_image, load_label, save_label
@@ -23,7 +24,6 @@ from fedqc.data.preprocess import (
     restore_labels,
     restore_probabilities,
 )
-from fedqc.core.errors import ConfigError
 
 
 def heart(shape, spacing_mm, centre_mm=None) -> np.ndarray:

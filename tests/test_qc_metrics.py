@@ -10,6 +10,7 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from scipy import ndimage
 
+from fedqc.core.types import Label
 from fedqc.qc.metrics import (
     dice,
     dice_hausdorff_mm_batch,
@@ -19,7 +20,6 @@ from fedqc.qc.metrics import (
     pseudo_scores_batch,
 )
 from fedqc.qc.metrics_torch import dice_hausdorff_mm_torch, pseudo_scores_torch
-from fedqc.core.types import Label
 
 SA_SPACING_MM = (10.0, 1.25, 1.25)
 

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 
 from fedqc.core.errors import DataError, FedqcError
-from fedqc.qc.thresholds import ThresholdFitError, Thresholds, fit_from_candidates, fit_tukey_thresholds
+from fedqc.qc.thresholds import (
+    ThresholdFitError,
+    Thresholds,
+    fit_from_candidates,
+    fit_tukey_thresholds,
+)
 
 
 def test_fences_on_known_arrays():

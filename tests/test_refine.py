@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from fedqc.core.device import make_generator
 from fedqc.core.errors import ConfigError
 from fedqc.models import build_qc_autoencoder, build_segmenter
-from fedqc.core.device import make_generator
-from fedqc.train.refine import pseudo_ground_truth, refine_epoch, semi_supervised_loss_on_cases
+from fedqc.train.refine import (
+    pseudo_ground_truth,
+    refine_epoch,
+    semi_supervised_loss_on_cases,
+)
 
 CPU = torch.device("cpu")
 
@@ -58,12 +62,23 @@ def test_without_labelled_data_only_the_semi_term(setup):
     assert stats["sup_loss"] == 0.0 and stats["n_labelled"] == 0 and stats["semi_loss"] > 0
 
 
-def test_nothing_flagged_changes_nothing(setup):
+def test_nothing_flagged_and_nothing_labelled_changes_nothing(setup):
+    model, ae, _, _, _ = setup
+    before = [p.detach().clone() for p in model.parameters()]
+    stats, _ = run(model, ae, [], None, None)
+    assert stats["steps"] == 0
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_nothing_flagged_is_the_supervised_term_alone(setup):
+    """A labelled site whose pool flags nothing still gives Eq. 2's supervised term: one pass over
+    its labelled slices, no semi-supervised loss (the same loop, not a second one)."""
     model, ae, _, images, labels = setup
     before = [p.detach().clone() for p in model.parameters()]
     stats, _ = run(model, ae, [], images, labels)
-    assert stats["steps"] == 0
-    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert stats["steps"] == 2 and stats["n_labelled"] == 6 and stats["n_flagged_slices"] == 0  # ceil(6 / 4)
+    assert stats["semi_loss"] == 0.0 and stats["sup_loss"] > 0
+    assert not all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
 def test_autoencoder_stays_frozen_and_learning_rate_untouched(setup):

@@ -11,11 +11,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedqc.data.simulator import DISEASES, PRESETS, get_preset, preset_table, simulate_dataset
+from fedqc.core.errors import ConfigError, DataError
+from fedqc.data.simulator import (
+    DISEASES,
+    PRESETS,
+    get_preset,
+    preset_table,
+    simulate_dataset,
+)
 from fedqc.data.simulator.presets import LABELLED_DISEASES
 from fedqc.data.simulator.scanner import sample_protocol
 from fedqc.data.simulator.subject import simulate_subject
-from fedqc.core.errors import ConfigError, DataError
 
 FILES = [f"{view}_{phase}{gt}.nii.gz" for view in ("SA", "LA") for phase in ("ED", "ES") for gt in ("", "_gt")]
 

@@ -10,9 +10,9 @@ import pytest
 
 from fedqc.config import config_from_dict, to_dict
 from fedqc.core.errors import DataError
-from fedqc.site.contract import Task, candidate_prefix
 from fedqc.qc.thresholds import Thresholds
 from fedqc.site.algorithm import encode_value, flatten, make_site_algo
+from fedqc.site.contract import Task, candidate_prefix
 from tests.conftest import tiny_config_dict
 
 
@@ -45,7 +45,7 @@ def test_a_site_without_unlabelled_cases_refines_nothing_and_says_why_it_cannot_
     reply = site.run(Task.REFINE, global_weights, {"local-epochs": 1, "alpha": 1.0, "num-candidates": 2})
     assert reply.weights is None
     assert reply.metrics["num-cases"] == 0 and reply.metrics["num-flagged"] == 0 and reply.metrics["num-examples"] == 0
-    with pytest.raises(Exception, match="need at least 4"):  # no case of its own to fit fences on
+    with pytest.raises(Exception, match="no fences: unlabelled: no unlabelled cases; labelled-val: no labelled"):
         site.run(Task.PREDICT, global_weights, {"num-candidates": 2})
 
 

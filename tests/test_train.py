@@ -9,14 +9,21 @@ import numpy as np
 import pytest
 import torch
 
+from fedqc.core.device import autocast_context, make_generator, select_device
 from fedqc.core.errors import ConfigError
 from fedqc.models import build_qc_autoencoder, build_segmenter
 from fedqc.train.augment import AugmentConfig, BatchAugmenter
 from fedqc.train.autoencoder import reconstruct, train_qc_autoencoder
 from fedqc.train.checkpoints import TopKCheckpoints, load_checkpoint
-from fedqc.core.device import autocast_context, make_generator, select_device
-from fedqc.train.supervised import (OptimiserConfig, build_optimiser, case_dice, nnunet_optimiser,
-                                    scheduled_lr, train_one_epoch, train_segmenter)
+from fedqc.train.supervised import (
+    OptimiserConfig,
+    build_optimiser,
+    case_dice,
+    nnunet_optimiser,
+    scheduled_lr,
+    train_one_epoch,
+    train_segmenter,
+)
 
 CPU = torch.device("cpu")
 NO_AUGMENT = AugmentConfig(flip_prob=0, rotate_prob=0, scale_prob=0, bias_field_prob=0, gamma_prob=0,

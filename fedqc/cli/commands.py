@@ -1,34 +1,20 @@
 """The centralised commands: ``fedqc train``, ``refine``, ``predict``, ``evaluate`` and ``simulate``.
 
-Each command reads its inputs, runs the stages of ``fedqc.method`` and writes its outputs into a
+Each command reads its inputs, runs the method's stages (``fedqc.train.stages``, ``fedqc.qc``,
+``fedqc.predict``: the same functions a federated site runs) and writes its outputs into a
 run directory (``fedqc.models.run_folder``) or a prediction folder, printing progress and ending with a
 readable summary table.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedqc.config import Config, load_config
 from fedqc.core.errors import DataError, FedqcError
-
-
-def ensure_data(config: Config, progress=print) -> None:
-    """Generate simulated data for sites whose root does not exist yet (``simulated:`` in config)."""
-    if config.simulated is None:
-        return
-    from fedqc.data.simulator import simulate_dataset
-
-    for root in sorted({site.root for site in config.sites}):
-        if (root / "dataset_information.csv").is_file():
-            continue
-        sim = config.simulated
-        progress(f"simulating data ({sim.preset}, seed {sim.seed}) into {root} (first use)")
-        simulate_dataset(root, preset=sim.preset, subjects_per_centre=sim.subjects_per_centre, seed=sim.seed,
-                         shift_strength=sim.shift_strength)
+from fedqc.data.site import ensure_data
 
 
 def _prepare(config: Config, view, progress=print):
@@ -38,12 +24,21 @@ def _prepare(config: Config, view, progress=print):
 
 
 def train_command(config_path: Path, run: Path, overrides=None) -> int:
-    from fedqc.method import fit_thresholds, models_from_states, train_supervised
-    from fedqc.qc.thresholds import ThresholdFitError
-    from fedqc.evaluation.figures import format_table
-    from fedqc.models.run_folder import (load_autoencoder, save_autoencoder, save_candidates, save_config, thresholds_path,
-                               write_json)
     from fedqc.core.device import select_device
+    from fedqc.core.io import write_json
+    from fedqc.core.table import format_table
+    from fedqc.models.factory import segmenters_from_states
+    from fedqc.models.run_folder import (
+        load_autoencoder,
+        save_autoencoder,
+        save_candidates,
+        save_config,
+        thresholds_path,
+    )
+    from fedqc.qc.fences import fit_fences
+    from fedqc.qc.thresholds import ThresholdFitError
+    from fedqc.train.stages import train_supervised
+    from fedqc.train.supervised import view_passes
 
     config = load_config(config_path, overrides)
     if not config.labelled_sites:
@@ -53,24 +48,28 @@ def train_command(config_path: Path, run: Path, overrides=None) -> int:
     run.mkdir(parents=True, exist_ok=True)
     save_config(run, config)
     rows = []
+    prepared = {}
     for view in config.views:
-        start = time.perf_counter()
         print(f"[{view}] preparing data")
-        splits = _prepare(config, view)
+        prepared[view] = _prepare(config, view)
+    passes = view_passes({view: sum(len(c.images) for s in splits for c in s.train)
+                          for view, splits in prepared.items()})
+    for view, splits in prepared.items():
+        start = time.perf_counter()
         train = [c for s in splits for c in s.train]
         val = [c for s in splits for c in s.val]
         print(f"[{view}] training on {len(train)} cases ({sum(len(c.images) for c in train)} slices), "
               f"validating on {len(val)} cases, device {device}")
-        result = train_supervised(config, train, val, device)
+        result = train_supervised(config, train, val, device, passes=passes[view])
         save_candidates(run, view, "supervised", result.candidate_states, result.candidate_info)
         save_autoencoder(run, view, result.autoencoder_state)
         write_json(run / view / "history.json", result.history)
-        models = models_from_states(config, result.candidate_states, device)
+        models = segmenters_from_states(config, result.candidate_states, device)
         ae = load_autoencoder(run, view, config, device)
         for info in result.candidate_info:
             rows.append([view, info["rank"], info["epoch"], info["val_score"]])
         try:
-            th = fit_thresholds(config, models, ae, val, "labelled-val", device)
+            th = fit_fences(config, models, ae, val, "labelled-val", device)
         except ThresholdFitError as exc:
             if config.qc.threshold_source == "labelled-val":
                 raise
@@ -85,29 +84,35 @@ def train_command(config_path: Path, run: Path, overrides=None) -> int:
 
 
 def site_thresholds(config: Config, run: Path, view, models, ae, splits, device) -> dict:
-    """Each unlabelled site's fences: fitted on its own pool, or the labelled-validation ones."""
-    from fedqc.method import fit_thresholds
-    from fedqc.qc.thresholds import Thresholds
+    """Each site's fences for its pool, by the one policy of :func:`fedqc.qc.fences.choose_fences`."""
     from fedqc.models.run_folder import thresholds_path
+    from fedqc.qc.fences import choose_fences, fit_fences
+    from fedqc.qc.thresholds import Thresholds
 
+    val_path = thresholds_path(run, view, "labelled-val")
+    labelled_val = (lambda: Thresholds.from_json(val_path)) if val_path.is_file() else None
     result = {}
     for split in splits:
         if not split.pool:
             continue
-        if config.qc.threshold_source == "labelled-val":
-            th = Thresholds.from_json(thresholds_path(run, view, "labelled-val"))
-        else:
-            th = fit_thresholds(config, models, ae, split.pool, "unlabelled", device)
+        th = choose_fences(config.qc.threshold_source, labelled_val=labelled_val,
+                           unlabelled=lambda pool=split.pool: fit_fences(config, models, ae, pool, "unlabelled", device),
+                           where=f"{split.site} {view}")
         th.to_json(thresholds_path(run, view, split.site))
         result[split.site] = th
     return result
 
 
 def refine_command(config_path: Path, run: Path, overrides=None) -> int:
-    from fedqc.method import refine
-    from fedqc.evaluation.figures import format_table
-    from fedqc.models.run_folder import load_autoencoder, load_candidates, save_candidates, write_json
     from fedqc.core.device import select_device
+    from fedqc.core.io import write_json
+    from fedqc.core.table import format_table
+    from fedqc.models.run_folder import (
+        load_autoencoder,
+        load_candidates,
+        save_candidates,
+    )
+    from fedqc.train.stages import refine
 
     config = load_config(config_path, overrides)
     ensure_data(config)
@@ -135,9 +140,8 @@ def refine_command(config_path: Path, run: Path, overrides=None) -> int:
 
 def predict_command(run: Path, data: Path, out: Path, stage: str = "refined") -> int:
     from fedqc.data.mnms2 import discover_cases
-    from fedqc.predict.folder import predict_folder
-
     from fedqc.models.run_folder import load_run_config
+    from fedqc.predict.folder import predict_folder
 
     config = load_run_config(run)
     cases = discover_cases(data, views=config.views)
@@ -150,8 +154,12 @@ def predict_command(run: Path, data: Path, out: Path, stage: str = "refined") ->
 
 
 def evaluate_command(data: Path, pred: Path, json_path: Path | None = None) -> int:
-    from fedqc.evaluation.evaluate import evaluate_predictions, format_summary, results_as_json
-    from fedqc.models.run_folder import write_json
+    from fedqc.core.io import write_json
+    from fedqc.evaluation.evaluate import (
+        evaluate_predictions,
+        format_summary,
+        results_as_json,
+    )
 
     results = evaluate_predictions(data, pred)
     print(format_summary(results))
@@ -188,10 +196,28 @@ def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int
     return 0
 
 
-def qc_csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buf.getvalue()
+def ablation_command(config_path: Path, out: Path, seeds: Sequence[int], overrides=None,
+                     report_from: Sequence[Path] = ()) -> int:
+    from fedqc.core.io import write_json
+    from fedqc.evaluation.experiment import (
+        aggregate,
+        load_results,
+        quality_tables,
+        run_seed,
+    )
+
+    config = load_config(config_path, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    if report_from:
+        results = load_results(report_from)
+    else:
+        ensure_data(config)
+        results = []
+        for seed in seeds:
+            print(f"=== seed {seed}")
+            results.append(run_seed(config, seed, out))
+            write_json(out / "ablation.json", results)
+    report = aggregate(results, config) + "\n\n" + quality_tables(results, config)
+    (out / "ablation.md").write_text(report + "\n")
+    print(report)
+    return 0

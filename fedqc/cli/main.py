@@ -51,7 +51,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
-    from fedqc.evaluation.experiment import ablation_command
+    from fedqc.cli.commands import ablation_command
 
     return ablation_command(Path(args.config), Path(args.out), seeds=args.seeds, overrides=_overrides(args.set),
                             report_from=[Path(p) for p in args.report_from or ()])

@@ -13,14 +13,14 @@ import glob
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedqc.core.io import write_stream
+from fedqc.core.types import FloatArray, LabelArray
 from fedqc.data.mnms2 import Case
 from fedqc.data.nifti import load_image, load_label
 from fedqc.data.preprocess import (
@@ -30,7 +30,6 @@ from fedqc.data.preprocess import (
     preprocess_image,
     preprocess_label,
 )
-from fedqc.core.types import FloatArray, LabelArray
 
 logger = logging.getLogger(__name__)
 
@@ -171,19 +170,8 @@ def _write_entry(stem: Path, result: PreprocessedCase, spec: PreprocessSpec, key
         "geometry": result.geometry.to_dict(),
     }
     # arrays first, JSON last: an entry only counts once both exist
-    _atomic_write(_with(stem, ".npz"), lambda f: np.savez_compressed(f, **arrays))
-    _atomic_write(_with(stem, ".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_stream(_with(stem, ".npz"), lambda f: np.savez_compressed(f, **arrays))
+    write_stream(_with(stem, ".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
 
 
 def _prune_stale(folder: Path, case_id: str, key: str) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedqc.core.errors import ConfigError, DataError
+from fedqc.core.types import PHASES, VIEWS, Phase, View
 from fedqc.data.metadata import (
     METADATA_FILE,
     SUBJECT_COLUMN,
@@ -26,8 +28,6 @@ from fedqc.data.metadata import (
     read_metadata,
     subject_key,
 )
-from fedqc.core.errors import ConfigError, DataError
-from fedqc.core.types import PHASES, VIEWS, Phase, View
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,6 @@ with another convention. Writes are atomic: a temp file in the same folder repla
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import numpy as np
 from nibabel.openers import ImageOpener
 
 from fedqc.core.errors import DataError
+from fedqc.core.io import atomic_write
 from fedqc.core.types import NUM_CLASSES, FloatArray, LabelArray
 
 AFFINE_ATOL_MM = 1e-3  # label and image affines may differ by float32 rounding, not by a voxel
@@ -292,16 +291,9 @@ def _write(path: Path, data: np.ndarray, header: nib.Nifti1Header, reference: Vo
     img.set_sform(reference.affine if sform is None else sform, code=int(sform_code))
     img.set_qform(reference.affine if qform is None else qform, code=int(qform_code))
     img.header.set_slope_inter(1.0, 0.0)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    tmp_name = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-        os.close(fd)
-        nib.save(img, tmp_name)
-        os.replace(tmp_name, path)
+        atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
     except Exception as exc:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
         raise DataError(path, f"could not write ({type(exc).__name__}: {exc})") from exc
     return path
 

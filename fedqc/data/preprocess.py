@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from scipy import ndimage
 
-from fedqc.data.restore import restore_labels, restore_probabilities
 from fedqc.core.errors import ConfigError
 from fedqc.core.types import NUM_CLASSES, FloatArray, LabelArray
+from fedqc.data.restore import restore_labels, restore_probabilities
 
 if TYPE_CHECKING:
     from fedqc.data.nifti import Volume

@@ -17,11 +17,11 @@ import nibabel as nib
 import numpy as np
 
 from fedqc.config import Config, PreprocessConfig, SiteConfig
-from fedqc.data.mnms2 import Case, discover_cases, filter_cases
-from fedqc.data.cache import load_preprocessed
-from fedqc.data.preprocess import Geometry, PreprocessSpec
 from fedqc.core.errors import DataError
 from fedqc.core.types import View
+from fedqc.data.cache import load_preprocessed
+from fedqc.data.mnms2 import Case, discover_cases, filter_cases
+from fedqc.data.preprocess import Geometry, PreprocessSpec
 
 
 @dataclass
@@ -165,3 +165,18 @@ def stack_slices(cases: Sequence[PreparedCase]) -> tuple[np.ndarray, np.ndarray]
     images = np.concatenate([c.images for c in labelled])[:, None].astype(np.float32, copy=False)
     labels = np.concatenate([c.labels for c in labelled]).astype(np.uint8, copy=False)
     return images, labels
+
+
+def ensure_data(config: Config, progress=print) -> None:
+    """Generate simulated data for sites whose root does not exist yet (``simulated:`` in config)."""
+    if config.simulated is None:
+        return
+    from fedqc.data.simulator import simulate_dataset
+
+    for root in sorted({site.root for site in config.sites}):
+        if (root / "dataset_information.csv").is_file():
+            continue
+        sim = config.simulated
+        progress(f"simulating data ({sim.preset}, seed {sim.seed}) into {root} (first use)")
+        simulate_dataset(root, preset=sim.preset, subjects_per_centre=sim.subjects_per_centre, seed=sim.seed,
+                         shift_strength=sim.shift_strength)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedqc.core.errors import DataError
+from fedqc.core.types import CLASS_NAMES
 from fedqc.data.mnms2 import Case, discover_cases
 from fedqc.data.nifti import load_image, load_label
-from fedqc.core.errors import DataError
 from fedqc.qc.metrics import dice, hausdorff_mm
-from fedqc.core.types import CLASS_NAMES
 
 STRATA = ("VENDOR", "CENTRE", "DISEASE")
 

@@ -19,23 +19,22 @@ from pathlib import Path
 
 import numpy as np
 
-from fedqc.evaluation.variants import BAD_DICE, calibration, score_case_variants, summarise_variants
-from fedqc.cli.commands import ensure_data
-from fedqc.config import Config, load_config
-from fedqc.qc.scoring import score_cases
-from fedqc.method import fit_thresholds, models_from_states, refine, train_supervised
-from fedqc.qc.ood import flag_ood
-from fedqc.models.run_folder import new_autoencoder, write_json
-from fedqc.data.site import load_site_split
+from fedqc.config import Config
 from fedqc.core.device import select_device
-
-
-def _autoencoder(config, state, device):
-    ae = new_autoencoder(config)
-    ae.load_state_dict(state)
-    for p in ae.parameters():
-        p.requires_grad_(False)
-    return ae.to(device).eval()
+from fedqc.core.io import write_json
+from fedqc.data.site import load_site_split
+from fedqc.evaluation.variants import (
+    BAD_DICE,
+    calibration,
+    score_case_variants,
+    summarise_variants,
+)
+from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
+from fedqc.qc.fences import choose_fences, fit_fences
+from fedqc.qc.ood import flag_ood
+from fedqc.qc.scoring import score_cases
+from fedqc.train.stages import refine, train_supervised
+from fedqc.train.supervised import view_passes
 
 
 def _flag_quality(scores, th, true_dice: np.ndarray) -> dict:
@@ -54,18 +53,22 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
     device = select_device(config.train.device)
     result: dict = {"seed": seed, "views": {}}
-    for view in config.views:
+    prepared = {view: [load_site_split(site, view, config) for site in config.sites] for view in config.views}
+    passes = view_passes({view: sum(len(c.images) for s in splits for c in s.train)
+                          for view, splits in prepared.items()})
+    for view, splits in prepared.items():
         t0 = time.perf_counter()
-        splits = [load_site_split(site, view, config) for site in config.sites]
         train = [c for s in splits for c in s.train]
         val = [c for s in splits for c in s.val]
-        sup = train_supervised(config, train, val, device)
-        models = models_from_states(config, sup.candidate_states, device)
-        ae = _autoencoder(config, sup.autoencoder_state, device)
-        th_val = fit_thresholds(config, models, ae, val, "labelled-val", device)
+        sup = train_supervised(config, train, val, device, passes=passes[view])
+        models = segmenters_from_states(config, sup.candidate_states, device)
+        ae = frozen_autoencoder(config, sup.autoencoder_state, device)
+        th_val = fit_fences(config, models, ae, val, "labelled-val", device)
         pools = {s.site: s.pool for s in splits if s.pool}
-        th_own = {site: fit_thresholds(config, models, ae, pool, "unlabelled", device) for site, pool in pools.items()}
-        chosen = {site: (th_val if config.qc.threshold_source == "labelled-val" else th_own[site]) for site in pools}
+        th_own = {site: fit_fences(config, models, ae, pool, "unlabelled", device) for site, pool in pools.items()}
+        chosen = {site: choose_fences(config.qc.threshold_source, labelled_val=lambda: th_val,
+                                      unlabelled=lambda s=site: th_own[s], where=f"{site} {view}")
+                  for site in pools}
         refined, log = refine(config, models, ae, pools, chosen, train, device)
         records, fence_eval = [], {}
         for split in splits:
@@ -82,8 +85,10 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
                  "calibration": calibration(records, "M"), "fence_eval": fence_eval, "refine_log": log.__dict__}
         if transductive:
             tests = {s.site: s.test for s in splits if not config.site(s.site).labelled and s.test}
-            tchosen = {site: (th_val if config.qc.threshold_source == "labelled-val" else
-                              fit_thresholds(config, models, ae, cases, "unlabelled", device))
+            tchosen = {site: choose_fences(config.qc.threshold_source, labelled_val=lambda: th_val,
+                                           unlabelled=lambda c=cases: fit_fences(config, models, ae, c, "unlabelled",
+                                                                                 device),
+                                           where=f"{site} {view} (transductive)")
                        for site, cases in tests.items()}
             trefined, tlog = refine(config, models, ae, tests, tchosen, train, device)
             trec = []
@@ -97,8 +102,9 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
                                                                    for s in config.sites))
             usplits = [load_site_split(site, view, all_labelled) for site in all_labelled.sites]
             ub = train_supervised(all_labelled, [c for s in usplits for c in s.train],
-                                  [c for s in usplits for c in s.val], device, with_autoencoder=False)
-            umodels = models_from_states(config, ub.candidate_states[:1], device)
+                                  [c for s in usplits for c in s.val], device, with_autoencoder=False,
+                                  passes=passes[view])
+            umodels = segmenters_from_states(config, ub.candidate_states[:1], device)
             urec = []
             for split in usplits:
                 for case in split.test:
@@ -187,22 +193,3 @@ def load_results(folders: Sequence[Path]) -> list[dict]:
                 entry = seeds.setdefault(int(match[1]), {"seed": int(match[1]), "views": {}})
                 entry["views"][match[2]] = json.loads(path.read_text())
     return [seeds[k] for k in sorted(seeds)]
-
-
-def ablation_command(config_path: Path, out: Path, seeds: Sequence[int], overrides=None,
-                     report_from: Sequence[Path] = ()) -> int:
-    config = load_config(config_path, overrides)
-    out.mkdir(parents=True, exist_ok=True)
-    if report_from:
-        results = load_results(report_from)
-    else:
-        ensure_data(config)
-        results = []
-        for seed in seeds:
-            print(f"=== seed {seed}")
-            results.append(run_seed(config, seed, out))
-            write_json(out / "ablation.json", results)
-    report = aggregate(results, config) + "\n\n" + quality_tables(results, config)
-    (out / "ablation.md").write_text(report + "\n")
-    print(report)
-    return 0

@@ -22,12 +22,12 @@ from scipy import stats
 from fedqc.config import Config
 from fedqc.data.nifti import load_image, load_label
 from fedqc.data.preprocess import restore_probabilities
+from fedqc.data.site import PreparedCase
 from fedqc.evaluation.evaluate import score_labels
-from fedqc.method import predict_case
+from fedqc.predict.case import predict_case
 from fedqc.predict.postprocess import largest_component_per_structure
 from fedqc.qc.metrics import dice as dice_fn
 from fedqc.qc.thresholds import Thresholds
-from fedqc.data.site import PreparedCase
 
 VARIANTS = ("M", "{M}+QC", "full")
 BAD_DICE = 0.8

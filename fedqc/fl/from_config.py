@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from fedqc.config import Config, SiteConfig, to_dict
-from fedqc.site.contract import Scalar, candidate_prefix
 from fedqc.fl.settings import FederationSettings
 from fedqc.site.algorithm import encode_value, flatten
+from fedqc.site.contract import Scalar, candidate_prefix
 
 
 def node_config(site: SiteConfig, views: tuple[str, ...], device: str | None = None) -> dict[str, Scalar]:
@@ -63,7 +63,7 @@ def federation_settings(config: Config, audit: bool = False) -> FederationSettin
 
 
 def _models(config: Config, weights: Mapping[str, np.ndarray], prefix: str, device: torch.device):
-    from fedqc.models.run_folder import new_autoencoder, new_segmenter
+    from fedqc.models.factory import new_autoencoder, new_segmenter
 
     module = new_autoencoder(config) if prefix.startswith("ae/") else new_segmenter(config)
     state = {k[len(prefix):]: torch.as_tensor(v) for k, v in weights.items() if k.startswith(prefix)}
@@ -73,19 +73,19 @@ def _models(config: Config, weights: Mapping[str, np.ndarray], prefix: str, devi
 
 def federated_report(config: Config, run_dir: Path, progress=print) -> str:
     """Per-site ablation table of a finished simulated run; writes ``RUN/report.md`` and ``.json``."""
+    from fedqc.core.device import select_device
+    from fedqc.core.io import write_json
+    from fedqc.core.table import format_table
+    from fedqc.data.site import load_site_split
     from fedqc.evaluation.variants import score_case_variants, summarise_variants
     from fedqc.fl import run_state
     from fedqc.qc.thresholds import Thresholds
-    from fedqc.evaluation.figures import format_table
-    from fedqc.models.run_folder import write_json
-    from fedqc.data.site import load_site_split
-    from fedqc.core.device import select_device
 
     device = select_device(config.train.device)
     state = run_state.read_json(run_dir / run_state.STATE)
-    final = run_state.load_weights(run_dir / state["weights"])
+    final = run_state.load_arrays(run_dir / state["weights"])
     rounds = state.get("candidates") or []
-    supervised = [run_state.load_weights(run_state.supervised_checkpoint(run_dir, r)) for r in rounds]
+    supervised = [run_state.load_arrays(run_state.supervised_checkpoint(run_dir, r)) for r in rounds]
     records = []
     for view in config.views:
         m = sum(1 for i in range(len(final)) if any(k.startswith(f"{candidate_prefix(i)}seg/{view}/") for k in final))

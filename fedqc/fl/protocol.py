@@ -28,7 +28,6 @@ import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedqc.site.contract import ConfigKey, MetricKey, Scalar, Task, Weights, candidate_prefix
 from fedqc.fl import run_state
 from fedqc.fl.aggregation import (
     BestRounds,
@@ -50,6 +49,14 @@ from fedqc.fl.rounds import (
     num_examples,
 )
 from fedqc.fl.settings import FederationSettings
+from fedqc.site.contract import (
+    ConfigKey,
+    MetricKey,
+    Scalar,
+    Task,
+    Weights,
+    candidate_prefix,
+)
 
 PHASES = ("init", "supervised", "qc-autoencoder", "refine", "predict", "done")
 AE = "ae/"
@@ -78,7 +85,7 @@ class Protocol:
             # Rows written after the last state (a kill between the two writes) are redone.
             self.log_rows: list[dict] = [row for row in run_state.read_json(self.run_dir / run_state.LOG)
                                          if row["server_round"] <= self.server_round]
-            self.weights = run_state.load_weights(self.run_dir / state["weights"])
+            self.weights = run_state.load_arrays(self.run_dir / state["weights"])
             log(INFO, "resuming %s at phase %s after round %d", run_dir, self.phase, self.phase_round)
         else:
             self.phase, self.phase_round, self.server_round = "init", 0, 0
@@ -109,7 +116,7 @@ class Protocol:
         first = self.sites.wait_for_sites()[0]
         given = bool(self.settings.initial_weights)
         if given:
-            self.weights = run_state.load_weights(Path(self.settings.initial_weights))
+            self.weights = run_state.load_arrays(Path(self.settings.initial_weights))
         outcome = self._exchange(INIT, {ConfigKey.LOCAL_EPOCHS.value: 0}, None,
                                  per_node={} if given else {first: {INIT_WEIGHTS: True}})
         extra: dict[str, Any] = {"initial_weights": self.settings.initial_weights or None}
@@ -135,7 +142,7 @@ class Protocol:
             outcome = self._exchange(Task.SUPERVISED, config, select(self.weights, exclude_prefix=AE))
             extra = self._score(r - 1, outcome, val=True) if r > 1 else {}
             extra.update(self._aggregate(outcome))
-            run_state.save_weights(run_state.supervised_checkpoint(self.run_dir, r), select(self.weights, exclude_prefix=AE))
+            run_state.save_arrays(run_state.supervised_checkpoint(self.run_dir, r), select(self.weights, exclude_prefix=AE))
             self.best.add(r)
             self._keep_best()
             self._record("supervised", r, outcome, extra)
@@ -233,7 +240,7 @@ class Protocol:
 
     def _make_candidates(self) -> None:
         rounds = self.best.best()
-        seg = [run_state.load_weights(run_state.supervised_checkpoint(self.run_dir, r)) for r in rounds] or [
+        seg = [run_state.load_arrays(run_state.supervised_checkpoint(self.run_dir, r)) for r in rounds] or [
             select(self.weights, exclude_prefix=AE)]
         self.weights = {k: v for k, v in self.weights.items() if not CANDIDATE.match(k)}
         for i, weights in enumerate(seg):
@@ -264,7 +271,7 @@ class Protocol:
     def _save(self) -> None:
         """Weights under a new name, the log, then the state that names them: a kill leaves a usable pair."""
         weights = run_state.global_checkpoint(self.run_dir, self.server_round)
-        run_state.save_weights(weights, self.weights)
+        run_state.save_arrays(weights, self.weights)
         run_state.write_json(self.run_dir / run_state.LOG, self.log_rows)
         run_state.write_json(self.run_dir / run_state.STATE, {
             "phase": self.phase, "phase_round": self.phase_round, "server_round": self.server_round,

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedqc.site.contract import Weights
 from fedqc.fl.aggregation import Update, as_global, check_update
+from fedqc.site.contract import Weights
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 MIN_UPDATES_FOR_NORM_CHECK = 3

@@ -25,9 +25,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedqc.core.errors import FedqcError
-from fedqc.site.contract import ConfigKey, MetricKey, Scalar, Task, Weights
 from fedqc.fl import records
 from fedqc.fl.settings import FederationSettings
+from fedqc.site.contract import ConfigKey, MetricKey, Scalar, Task, Weights
 
 INIT = "init"  # the first task: every site introduces itself; one returns freshly initialised weights
 INIT_WEIGHTS = "init-weights"  # INIT: this site returns its initial weights

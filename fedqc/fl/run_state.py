@@ -13,74 +13,27 @@ RUN/audit/<site>.jsonl         keys / types / shapes of each reply a site sent (
 RUN/.flwr/                     Flower home of a deployment (SuperLink database, config.toml)
 RUN/logs/                      SuperLink, SuperNode and `flwr run` logs
 ```
-A kill at any moment leaves the previous version of every file intact, and state.json always
-names a complete weights file. Files are private (0600).
+Every file is written through :mod:`fedqc.core.io` (temp file, fsync, rename, 0600): a kill at any
+moment leaves the previous version intact, and state.json always names a complete weights file.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from fedqc.site.contract import Weights
+from fedqc.core.io import (  # noqa: F401
+    atomic_write,
+    load_arrays,
+    private_dir,
+    read_json,
+    save_arrays,
+    write_json,
+)
 
 STATE = "state.json"
 LOG = "log.json"
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) readable by its owner only."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
-
-def atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary sibling, fsync it, then rename it over ``path`` (mode 0600)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def write_json(path: Path, data: Any) -> Path:
-    """Atomically write ``data`` as indented JSON."""
-    return atomic_write(path, json.dumps(data, indent=2, default=str).encode())
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON file."""
-    return json.loads(path.read_text())
-
-
-def save_weights(path: Path, weights: Mapping[str, np.ndarray]) -> Path:
-    """Atomically write flat weights as an uncompressed ``.npz`` (names are kept verbatim)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.asarray(value) for name, value in weights.items()})
-    return atomic_write(path, buffer.getvalue())
-
-
-def load_weights(path: Path) -> Weights:
-    """Read flat weights written by :func:`save_weights` (no pickles)."""
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
 
 
 def checkpoint_path(run_dir: Path, name: str) -> Path:

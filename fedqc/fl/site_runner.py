@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message
 
-from fedqc.site.contract import SiteAlgo, SiteReply, Task, Weights
 from fedqc.fl import appdir, records, run_state
 from fedqc.fl.rounds import (
     AE_HASH,
@@ -38,6 +37,7 @@ from fedqc.fl.rounds import (
     NORM_PATTERN,
     TRANSFER_DTYPE,
 )
+from fedqc.site.contract import SiteAlgo, SiteReply, Task, Weights
 
 SITE_ERROR = 4100  # Error code of a reply whose site algorithm raised
 _STATE_AE, _STATE_AE_HASH, _STATE_LOCAL = "fedqc-qc-ae", "fedqc-qc-ae-hash", "fedqc-local"
@@ -99,12 +99,12 @@ def _autoencoder(msg: Message, context: Context, config: Mapping) -> Weights | N
         context.state[_STATE_AE_HASH] = ConfigRecord({"hash": wanted})
         if cached is not None:
             run_state.private_dir(cached.parent)
-            run_state.save_weights(cached, ae)
+            run_state.save_arrays(cached, ae)
         return ae
     if _STATE_AE in context.state and context.state[_STATE_AE_HASH].get("hash") == wanted:
         return records.record_to_weights(context.state[_STATE_AE])
     if cached is not None and cached.is_file():
-        return run_state.load_weights(cached)
+        return run_state.load_arrays(cached)
     return None
 
 

@@ -13,8 +13,6 @@ half-written checkpoint behind and earlier files stay intact.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,29 +22,15 @@ import yaml
 
 from fedqc.config import Config, config_from_dict, to_dict
 from fedqc.core.errors import DataError
-from fedqc.models.qc_autoencoder import build_qc_autoencoder
-from fedqc.models.segmenter import build_segmenter
+from fedqc.core.io import atomic_write, write_json  # noqa: F401
 from fedqc.core.types import View
+from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 
 STAGES = ("supervised", "refined")
 
 
-def atomic_write_bytes(path: Path, write: Any) -> Path:
-    """Write through ``write(tmp_path)`` then rename over ``path``; files are private (0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(path: Path, data: Any) -> Path:
-    return atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str)))
-
-
 def save_config(run: Path, config: Config) -> Path:
-    return atomic_write_bytes(run / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(to_dict(config))))
+    return atomic_write(run / "config.yaml", yaml.safe_dump(to_dict(config)))
 
 
 def load_run_config(run: Path) -> Config:
@@ -56,21 +40,11 @@ def load_run_config(run: Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text()), base_dir=run)
 
 
-def new_segmenter(config: Config) -> torch.nn.Module:
-    return build_segmenter(config.model.preset, in_size_px=config.preprocess.size_px, network=config.model.network,
-                           kwargs=dict(config.model.kwargs) or None)
-
-
-def new_autoencoder(config: Config) -> torch.nn.Module:
-    return build_qc_autoencoder(config.preprocess.size_px, latent_channels=config.qc.ae_latent_channels,
-                                dropout=config.qc.ae_dropout)
-
-
 def save_candidates(run: Path, view: View, stage: str, states: Sequence[Mapping[str, torch.Tensor]],
                     info: Sequence[Mapping[str, Any]]) -> None:
     folder = run / view / stage
     for i, state in enumerate(states):
-        atomic_write_bytes(folder / f"candidate_{i}.pt", lambda tmp, s=state: torch.save(dict(s), tmp))
+        atomic_write(folder / f"candidate_{i}.pt", lambda tmp, s=state: torch.save(dict(s), tmp))
     for stale in folder.glob("candidate_*.pt"):
         if int(stale.stem.split("_")[1]) >= len(states):
             stale.unlink()
@@ -96,27 +70,18 @@ def load_candidate_states(run: Path, view: View, stage: str) -> list[dict[str, t
 
 
 def load_candidates(run: Path, view: View, stage: str, config: Config, device: torch.device) -> list[torch.nn.Module]:
-    models = []
-    for state in load_candidate_states(run, view, stage):
-        model = new_segmenter(config)
-        model.load_state_dict(state)
-        models.append(model.to(device).eval())
-    return models
+    return segmenters_from_states(config, load_candidate_states(run, view, stage), device)
 
 
 def save_autoencoder(run: Path, view: View, state: Mapping[str, torch.Tensor]) -> Path:
-    return atomic_write_bytes(run / view / "qc_autoencoder.pt", lambda tmp: torch.save(dict(state), tmp))
+    return atomic_write(run / view / "qc_autoencoder.pt", lambda tmp: torch.save(dict(state), tmp))
 
 
 def load_autoencoder(run: Path, view: View, config: Config, device: torch.device) -> torch.nn.Module:
     path = run / view / "qc_autoencoder.pt"
     if not path.is_file():
         raise DataError(path, f"QC autoencoder for view {view} missing; run 'fedqc train' first")
-    ae = new_autoencoder(config)
-    ae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    for p in ae.parameters():
-        p.requires_grad_(False)
-    return ae.to(device).eval()
+    return frozen_autoencoder(config, torch.load(path, map_location="cpu", weights_only=True), device)
 
 
 def thresholds_path(run: Path, view: View, name: str) -> Path:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from monai.networks import nets
 
-from fedqc.core.errors import ConfigError
 from fedqc.core.device import autocast_context, eval_mode
+from fedqc.core.errors import ConfigError
 from fedqc.core.types import NUM_CLASSES
 
 ArrayOrTensor = "np.ndarray | torch.Tensor"

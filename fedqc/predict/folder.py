@@ -7,36 +7,40 @@ overlay PNG (image, prediction, reconstruction) for every flagged case.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from fedqc.config import Config
+from fedqc.core.device import select_device
+from fedqc.core.io import atomic_write
+from fedqc.core.types import View
 from fedqc.data.mnms2 import Case
 from fedqc.data.nifti import load_image, save_label
 from fedqc.data.preprocess import restore_probabilities
-from fedqc.method import fit_thresholds, predict_case
-from fedqc.predict.postprocess import largest_component_per_structure
-from fedqc.qc.thresholds import Thresholds
-from fedqc.evaluation.figures import overlay_png
-from fedqc.models.run_folder import (atomic_write_bytes, has_stage, load_autoencoder, load_candidates, thresholds_path)
 from fedqc.data.site import prepare_case, spec_from_config
-from fedqc.core.device import select_device
-from fedqc.core.types import View
-
-MIN_CASES_FOR_FENCES = 4
+from fedqc.models.run_folder import (
+    has_stage,
+    load_autoencoder,
+    load_candidates,
+    thresholds_path,
+)
+from fedqc.predict.case import predict_case
+from fedqc.predict.overlay import overlay_png
+from fedqc.predict.postprocess import largest_component_per_structure
+from fedqc.qc.fences import choose_fences, fit_fences
+from fedqc.qc.thresholds import Thresholds
 
 
 def choose_thresholds(config: Config, run: Path, view: View, models, ae, prepared, device) -> Thresholds:
-    """The paper's fences fitted on the cases being predicted, or the run's labelled-validation ones."""
-    if config.qc.threshold_source == "unlabelled" and len(prepared) >= MIN_CASES_FOR_FENCES:
-        return fit_thresholds(config, models, ae, prepared, "unlabelled", device)
-    if config.qc.threshold_source == "unlabelled":
-        warnings.warn(f"only {len(prepared)} {view} cases: too few for fences of their own; "
-                      "using the labelled-validation fences", stacklevel=2)
-    return Thresholds.from_json(thresholds_path(run, view, "labelled-val"))
+    """The fences of the cases being predicted, by :func:`fedqc.qc.fences.choose_fences`: the run's
+    labelled-validation fences, or the paper's fences fitted on these cases themselves."""
+    val_path = thresholds_path(run, view, "labelled-val")
+    return choose_fences(config.qc.threshold_source,
+                         labelled_val=(lambda: Thresholds.from_json(val_path)) if val_path.is_file() else None,
+                         unlabelled=lambda: fit_fences(config, models, ae, prepared, "unlabelled", device),
+                         where=f"{view} cases to predict")
 
 
 def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.nn.Module,
@@ -74,7 +78,7 @@ def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.n
 def predict_folder(config: Config, run: Path, cases: Sequence[Case], out: Path, stage: str = "refined",
                    progress: Callable[[str], None] | None = print) -> list[dict]:
     """``fedqc predict``: every view of the run, then ``qc.csv`` (written once, atomically)."""
-    from fedqc.cli.commands import qc_csv_text
+    from fedqc.core.io import csv_text
 
     device = select_device(config.train.device)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,5 +93,5 @@ def predict_folder(config: Config, run: Path, cases: Sequence[Case], out: Path, 
         models = load_candidates(run, view, use, config, device)
         ae = load_autoencoder(run, view, config, device)
         rows += predict_cases(config, models, ae, view_cases, None, out, device, run=run, progress=progress)
-    atomic_write_bytes(out / "qc.csv", lambda tmp: tmp.write_text(qc_csv_text(rows)))
+    atomic_write(out / "qc.csv", csv_text(rows))
     return rows

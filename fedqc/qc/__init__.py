@@ -17,7 +17,12 @@ from fedqc.qc.metrics import (
 )
 from fedqc.qc.ood import candidate_passes, flag_ood
 from fedqc.qc.selection import Selection, apply_selection, rank_by_pdc, select_candidate
-from fedqc.qc.thresholds import ThresholdFitError, Thresholds, fit_from_candidates, fit_tukey_thresholds
+from fedqc.qc.thresholds import (
+    ThresholdFitError,
+    Thresholds,
+    fit_from_candidates,
+    fit_tukey_thresholds,
+)
 
 __all__ = [
     "Selection",

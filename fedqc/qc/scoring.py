@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from fedqc.config import QCConfig
-from fedqc.models.segmenter import main_output
-from fedqc.qc.metrics import pseudo_scores_batch
-from fedqc.data.site import PreparedCase
 from fedqc.core.device import autocast_context as autocast
 from fedqc.core.types import NUM_CLASSES, Label
+from fedqc.data.site import PreparedCase
+from fedqc.models.segmenter import main_output
+from fedqc.qc.metrics import pseudo_scores_batch
 
 QC_CLASSES = {"rv": (int(Label.RV),), "foreground": (int(Label.LV), int(Label.MYO), int(Label.RV))}
 

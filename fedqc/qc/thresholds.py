@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from fedqc.core.errors import DataError, FedqcError
+from fedqc.core.io import atomic_write
 
 MIN_VALUES = 4  # fewer finite values leave the quartiles meaningless
 FORMAT = "fedqc-thresholds/1"
@@ -47,6 +46,9 @@ class Thresholds:
         n_cases: number of cases given to the fit, before dropping non-finite values.
         source: what the values came from, e.g. ``"unlabelled"`` or ``"site-2/SA/ED"``.
         n_dropped: non-finite values dropped (pDC and pHD counted together).
+        requested: the fence source the config asked for (:func:`fedqc.qc.fences.choose_fences`),
+            when it differs from ``source`` the ``note`` says why.
+        note: why another source was used, empty when the requested one was.
     """
 
     th_low_pdc: float
@@ -59,6 +61,8 @@ class Thresholds:
     n_cases: int
     source: str
     n_dropped: int = 0
+    requested: str = ""
+    note: str = ""
 
     def to_json(self, path: str | Path) -> None:
         """Write the thresholds as readable JSON, atomically (a temporary file then a rename).
@@ -68,15 +72,7 @@ class Thresholds:
         """
         path = Path(path)
         record = {"format": FORMAT, "quantile_method": QUANTILE_METHOD, **asdict(self)}
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump(record, stream, indent=2)
-                stream.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, json.dumps(record, indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | Path) -> Thresholds:
@@ -95,7 +91,8 @@ class Thresholds:
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             raise DataError(path, f"not a thresholds file (expected format {FORMAT!r})")
         names = [f.name for f in fields(cls)]
-        missing = [name for name in names if name not in record and name != "n_dropped"]
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
+        missing = [name for name in names if name not in record and name not in optional]
         if missing:
             raise DataError(path, f"thresholds file lacks {missing}")
         return cls(**{name: record[name] for name in names if name in record})

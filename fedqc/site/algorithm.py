@@ -1,6 +1,6 @@
 """One hospital's side of the federated protocol (a :class:`fedqc.site.contract.SiteAlgo`), Flower-free.
 
-The coordinator sends tasks with weights; the site runs the stages of ``fedqc.method`` on its own
+The coordinator sends tasks with weights; the site runs the method's stages (:mod:`fedqc.site.tasks`) on its own
 data and answers with weights and scalar counts only. Images, masks, reconstructions, per-case
 scores and the site's fences never leave it: fences are fitted and kept under the site's work
 directory, predictions and the QC report are written there.
@@ -23,9 +23,17 @@ import torch
 import yaml
 
 from fedqc.config import Config, config_from_dict
-from fedqc.site.contract import ConfigKey, MetricKey, Scalar, SiteReply, Task, Weights, candidate_prefix
-from fedqc.data.site import SiteSplit, load_site_split, stack_slices
 from fedqc.core.types import View
+from fedqc.data.site import SiteSplit, load_site_split, stack_slices
+from fedqc.site.contract import (
+    ConfigKey,
+    MetricKey,
+    Scalar,
+    SiteReply,
+    Task,
+    Weights,
+    candidate_prefix,
+)
 
 NODE_SITE_KEYS = ("root", "filter", "labelled", "layout", "test-fraction", "label-remap")
 

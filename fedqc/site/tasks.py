@@ -15,12 +15,24 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from fedqc.site.contract import ConfigKey, MetricKey, Scalar, SiteReply, Task, candidate_prefix
-from fedqc.method import optimiser_config
-from fedqc.models.run_folder import atomic_write_bytes, new_autoencoder, new_segmenter
+from fedqc.core.device import seed_everything
+from fedqc.core.io import atomic_write
+from fedqc.models.factory import new_autoencoder, new_segmenter
+from fedqc.qc.fences import choose_fences, fences_from_scores, fit_fences
+from fedqc.qc.ood import flag_ood
+from fedqc.qc.scoring import score_cases
+from fedqc.qc.thresholds import Thresholds
 from fedqc.site.algorithm import FedqcSite
-from fedqc.core.device import make_generator, seed_everything
-from fedqc.train.supervised import OptimiserConfig, build_optimiser, scheduled_lr, train_one_epoch
+from fedqc.site.contract import (
+    ConfigKey,
+    MetricKey,
+    Scalar,
+    SiteReply,
+    Task,
+    candidate_prefix,
+)
+from fedqc.train.stages import autoencoder_round, refine_round, supervised_round
+from fedqc.train.supervised import validation_score, view_passes
 
 M = MetricKey
 
@@ -49,35 +61,24 @@ def _proximal_hooks(model: torch.nn.Module, mu: float) -> list:
 
 
 def supervised(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
-    from fedqc.train.supervised import validation_score
-
+    """Round r of Eq. 1: epochs (r-1)E .. rE-1 of the schedule over R rounds x E local epochs."""
     if not site.site.labelled:
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0})
-    tc = site.config.train
     phase_round = int(config.get(ConfigKey.PHASE_ROUND, 1))
     mu = float(config.get(ConfigKey.PROXIMAL_MU, 0.0))
+    total = max(site.config.federation.supervised_rounds * epochs, 1)
     out, n_examples, losses, dice, rv = {}, 0, [], [], []
     passes = _view_passes(site)
     for view in site.config.views:
         images, labels = site.labelled_slices(view)
         model = site.load_module(new_segmenter(site.config), weights, f"seg/{view}/")
-        opt_cfg = optimiser_config(site.config)
-        first_epoch = (phase_round - 1) * epochs
-        total = max(site.config.federation.supervised_rounds * epochs, 1)
-        opt = build_optimiser(model, scheduled_lr(tc.lr, first_epoch, total, opt_cfg), opt_cfg)
-        generator = make_generator(tc.seed + 7919 * phase_round, site.device)
-        augmenter = _augmenter(site, phase_round) if tc.augment else None
         hooks = _proximal_hooks(model, mu)
-        for e in range(epochs):
-            for group in opt.param_groups:
-                group["lr"] = scheduled_lr(tc.lr, first_epoch + e, total, opt_cfg)
-            for _ in range(passes[view]):
-                stats = train_one_epoch(model, images, labels, opt, batch_size=tc.batch_size, generator=generator,
-                                        augmenter=augmenter)
+        stats = supervised_round(site.config, model, images, labels, first_epoch=(phase_round - 1) * epochs,
+                                 epochs=epochs, total_epochs=total, passes=passes[view])
         for h in hooks:
             h.remove()
         losses.append(stats.loss)
-        val = [(c.images[:, None].astype(np.float32), c.labels) for c in site.split(view).val]
+        val = _val_cases(site, view)
         if val:
             dice.append(validation_score(model, val))
             rv.append(validation_score(model, val, classes=(3,)))
@@ -90,39 +91,27 @@ def supervised(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epo
     return SiteReply(weights=out, metrics=metrics)
 
 
+def _val_cases(site: FedqcSite, view: str) -> list:
+    return [(c.images[:, None].astype(np.float32), c.labels) for c in site.split(view).val]
+
+
 def _view_passes(site: FedqcSite) -> dict[str, int]:
-    """Passes over each view's slices per local epoch, so every view gets about as many steps.
-
-    An LA case is one slice against about ten for SA: without this, one federated "epoch" gives the
-    LA segmenter a tenth of the SA steps, and a few rounds leave it untrained.
-    """
-    counts = {view: len(site.labelled_slices(view)[0]) for view in site.config.views}
-    most = max(counts.values(), default=0)
-    return {view: max(1, round(most / n)) if n else 1 for view, n in counts.items()}
-
-
-def _augmenter(site: FedqcSite, phase_round: int):
-    from fedqc.train.augment import AugmentConfig, BatchAugmenter
-
-    return BatchAugmenter(AugmentConfig(), seed=site.config.train.seed + phase_round, device=site.device)
+    """Passes per epoch over each view's slices (:func:`fedqc.train.supervised.view_passes`)."""
+    return view_passes({view: len(site.labelled_slices(view)[0]) for view in site.config.views})
 
 
 def autoencoder(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
-    from fedqc.train.autoencoder import autoencoder_one_epoch
-
+    """Round r of L^R on the site's ground-truth masks."""
     if not site.site.labelled:
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0})
-    qc = site.config.qc
     phase_round = int(config.get(ConfigKey.PHASE_ROUND, 1))
     out, n, losses = {}, 0, []
     passes = _view_passes(site)
     for view in site.config.views:
         _, labels = site.labelled_slices(view)
         ae = site.load_module(new_autoencoder(site.config), weights, f"ae/{view}/")
-        opt = build_optimiser(ae, qc.ae_lr, OptimiserConfig(kind="adam", weight_decay=1e-5, schedule="constant"))
-        generator = make_generator(site.config.train.seed + 104729 * phase_round, site.device)
-        for _ in range(epochs * passes[view]):
-            stats = autoencoder_one_epoch(ae, labels, opt, batch_size=qc.ae_batch_size, generator=generator)
+        stats = autoencoder_round(site.config, ae, labels, first_epoch=(phase_round - 1) * epochs, epochs=epochs,
+                                  passes=passes[view])
         losses.append(stats.loss)
         out.update(site.export(ae, f"ae/{view}/"))
         n += len(labels)
@@ -130,13 +119,11 @@ def autoencoder(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], ep
 
 
 def evaluate(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
-    from fedqc.train.supervised import validation_score
-
     if not site.site.labelled:
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0})
     dice, rv, n = [], [], 0
     for view in site.config.views:
-        val = [(c.images[:, None].astype(np.float32), c.labels) for c in site.split(view).val]
+        val = _val_cases(site, view)
         model = site.load_module(new_segmenter(site.config), weights, f"seg/{view}/")
         dice.append(validation_score(model, val))
         rv.append(validation_score(model, val, classes=(3,)))
@@ -152,7 +139,7 @@ def _autoencoder_for(site: FedqcSite, weights: dict, view: str) -> torch.nn.Modu
     if any(k.startswith(prefix) for k in weights):
         ae = site.load_module(new_autoencoder(site.config), weights, prefix)
         state = {k: v.cpu() for k, v in ae.state_dict().items()}
-        atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
     elif path.is_file():
         ae = new_autoencoder(site.config)
         ae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -169,40 +156,39 @@ def _candidates(site: FedqcSite, weights: dict, view: str, m: int) -> list[torch
             for i in range(m)]
 
 
-def site_fences(site: FedqcSite, view: str, models, ae, pool_scores=None):
-    """The site's fences for ``view``: fitted once on its own data and kept in its work dir.
+def site_fences(site: FedqcSite, view: str, models, ae, pool_scores=None) -> Thresholds:
+    """The site's fences for ``view`` (:func:`fedqc.qc.fences.choose_fences`), fitted once and kept
+    in its work dir: its own labelled validation cases or its own pool.
 
     ``pool_scores``: the pool's scores under these models when the caller has them already (they
     are reused when the fences come from the pool, saving a scoring pass).
     """
-    from fedqc.method import fit_thresholds
-    from fedqc.qc.thresholds import Thresholds, fit_from_candidates
-
     path = site.work_dir / "thresholds" / f"{view}.json"
     if path.is_file():
         return Thresholds.from_json(path)
-    split = site.split(view)
-    # A labelled site without unlabelled cases (or under the labelled-val source) uses its validation cases.
-    if split.val and (site.config.qc.threshold_source == "labelled-val" or not split.pool):
-        th = fit_thresholds(site.config, models, ae, split.val, "labelled-val", site.device)
-    elif pool_scores is not None:
-        th = fit_from_candidates(pool_scores.pdc, pool_scores.phd, factor=site.config.qc.tukey_factor,
-                                 source="unlabelled")
-    else:
-        th = fit_thresholds(site.config, models, ae, split.pool, "unlabelled", site.device)
+    split, qc = site.split(view), site.config.qc
+
+    def own_pool() -> Thresholds:
+        if pool_scores is not None:
+            return fences_from_scores(pool_scores, qc.tukey_factor, "unlabelled")
+        return fit_fences(site.config, models, ae, split.pool, "unlabelled", site.device)
+
+    th = choose_fences(qc.threshold_source,
+                       labelled_val=(lambda: fit_fences(site.config, models, ae, split.val, "labelled-val",
+                                                        site.device)) if split.val else None,
+                       unlabelled=own_pool if split.pool else None, where=f"site {site.site.name} {view}")
     path.parent.mkdir(parents=True, exist_ok=True)
     th.to_json(path)
     return th
 
 
 def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
-    from fedqc.qc.scoring import score_cases
-    from fedqc.qc.ood import flag_ood
-    from fedqc.train.refine import refine_epoch
-
+    """Round k of Eq. 2, in order: score the pool with every candidate -> fences -> OoD flags ->
+    :func:`fedqc.train.stages.refine_round` on the flagged cases (labelled sites add the supervised
+    term; a labelled site with nothing flagged contributes that term alone) -> weights and counts."""
     m = int(config.get(ConfigKey.NUM_CANDIDATES, 1))
     alpha = float(config.get(ConfigKey.ALPHA, 1.0))
-    rc = site.config.refine
+    k = int(config.get(ConfigKey.PHASE_ROUND, 1))
     out, n_cases, n_flagged, n_examples, n_labelled, semi, sup = {}, 0, 0, 0, 0, [], []
     for view in site.config.views:
         models = _candidates(site, weights, view, m)
@@ -216,30 +202,13 @@ def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs:
         n_cases += len(pool)
         n_flagged += len(flagged)
         images, labels = site.labelled_slices(view)
-        if flagged:
-            for i, model in enumerate(models):
-                opt = build_optimiser(model, rc.lr, OptimiserConfig(kind="adam", schedule="constant"))
-                generator = make_generator(site.config.train.seed + 31 * i, site.device)
-                for _ in range(epochs):
-                    stats = refine_epoch(model, ae, [c.images[:, None] for c in flagged],
-                                         images if len(images) else None, labels if len(labels) else None,
-                                         alpha=alpha, batch_size=rc.batch_size, optimiser=opt, generator=generator,
-                                         rv_weight=rc.rv_weight)
-                semi.append(stats["semi_loss"])
-                sup.append(stats["sup_loss"])
-            n_examples += sum(len(c.images) for c in flagged) + stats["n_labelled"]
-            n_labelled += stats["n_labelled"]
-        elif len(images):
-            # No flagged case here: the site still contributes Eq. 2's supervised term to the round.
-            for i, model in enumerate(models):
-                opt = build_optimiser(model, rc.lr, OptimiserConfig(kind="adam", schedule="constant"))
-                generator = make_generator(site.config.train.seed + 31 * i, site.device)
-                for _ in range(epochs):
-                    stats = train_one_epoch(model, images, labels, opt, batch_size=rc.batch_size,
-                                            generator=generator)
-                sup.append(stats.loss)
-            n_examples += len(images)
-            n_labelled += len(images)
+        if flagged or len(images):
+            _, stats = refine_round(site.config, models, ae, flagged, (images, labels), alpha=alpha, k=k,
+                                    epochs=epochs)
+            semi += [s["semi_loss"] for s in stats if s["n_flagged_slices"]]
+            sup += [s["sup_loss"] for s in stats if s["n_labelled"]]
+            n_examples += stats[-1]["n_flagged_slices"] + stats[-1]["n_labelled"]
+            n_labelled += stats[-1]["n_labelled"]
         for i, model in enumerate(models):
             out.update(site.export(model, f"{candidate_prefix(i)}seg/{view}/"))
     # The coordinator weights refinement updates by these counts so the round's step is Eq. 2's
@@ -255,9 +224,9 @@ def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs:
 
 def predict(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
     """QC-based selection on every case of the site; files stay in ``WORK/predictions``."""
-    from fedqc.cli.commands import qc_csv_text
-    from fedqc.predict.folder import predict_cases
+    from fedqc.core.io import csv_text
     from fedqc.data.site import site_cases
+    from fedqc.predict.folder import predict_cases
 
     m = int(config.get(ConfigKey.NUM_CANDIDATES, 1))
     out_dir = site.work_dir / "predictions"
@@ -268,6 +237,6 @@ def predict(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs
         th = site_fences(site, view, models, ae)
         cases = site_cases(site.site, [view])
         rows += predict_cases(site.config, models, ae, cases, th, out_dir, site.device, progress=None)
-    atomic_write_bytes(out_dir / "qc.csv", lambda tmp: tmp.write_text(qc_csv_text(rows)))
+    atomic_write(out_dir / "qc.csv", csv_text(rows))
     flagged = sum(1 for r in rows if r["ood"])
     return SiteReply(metrics={M.NUM_CASES.value: len(rows), M.NUM_FLAGGED.value: flagged})

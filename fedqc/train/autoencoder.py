@@ -16,12 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedqc.core.device import (
+    autocast_context,
+    eval_mode,
+    make_generator,
+    seed_everything,
+    select_device,
+)
 from fedqc.core.errors import FedqcError
-from fedqc.train.checkpoints import Checkpoint, TopKCheckpoints
-from fedqc.core.device import autocast_context, eval_mode, make_generator, select_device, seed_everything
-from fedqc.train.losses import one_hot, qc_autoencoder_loss
-from fedqc.train.supervised import EpochStats
 from fedqc.core.types import NUM_CLASSES
+from fedqc.train.checkpoints import Checkpoint, TopKCheckpoints
+from fedqc.train.losses import one_hot, qc_autoencoder_loss
+from fedqc.train.supervised import EpochStats, epoch_seed
 
 ArrayOrTensor = np.ndarray | torch.Tensor
 
@@ -61,6 +67,38 @@ def autoencoder_one_epoch(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser:
     if not math.isfinite(mean_loss):
         raise FedqcError(f"QC autoencoder training diverged (loss {mean_loss}); lower the learning rate")
     return EpochStats(mean_loss, n, time.perf_counter() - start)
+
+
+def autoencoder_optimiser(ae: torch.nn.Module, lr: float, weight_decay: float = 1e-5) -> torch.optim.Optimizer:
+    """Adam, as the reference (lr 2e-4, weight decay 1e-5)."""
+    return torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def autoencoder_epochs(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: torch.optim.Optimizer, *,
+                       first_epoch: int, epochs: int, batch_size: int, seed: int, passes: int = 1,
+                       autocast: bool = True,
+                       after_epoch: Callable[[int, EpochStats], Any] | None = None) -> EpochStats:
+    """Epochs ``first_epoch ..`` of L^R: the one autoencoder loop (``fedqc train`` and a federated site).
+
+    Each epoch seeds its own batch order (:func:`fedqc.train.supervised.epoch_seed`), so splitting
+    the epochs into rounds draws the same batches.
+    """
+    device = next(ae.parameters()).device
+    labels = torch.as_tensor(labels, device=device)
+    stats = EpochStats(math.nan, 0, 0.0)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        seed_e = epoch_seed(seed, epoch)
+        seed_everything(seed_e)
+        generator = make_generator(seed_e, device)
+        seconds = 0.0
+        for _ in range(passes):
+            stats = autoencoder_one_epoch(ae, labels, optimiser, batch_size=batch_size, generator=generator,
+                                          autocast=autocast)
+            seconds += stats.seconds
+        stats = EpochStats(stats.loss, stats.num_examples, seconds)
+        if after_epoch is not None:
+            after_epoch(epoch, stats)
+    return stats
 
 
 @torch.no_grad()
@@ -130,7 +168,7 @@ def train_qc_autoencoder(ae: torch.nn.Module, label_slices: ArrayOrTensor, *, ep
                          val_labels: ArrayOrTensor | None = None, restore_best: bool = True,
                          device: str | torch.device = "auto", seed: int = 0,
                          progress: Callable[[dict[str, float]], Any] | None = None,
-                         autocast: bool = True) -> AutoencoderResult:
+                         autocast: bool = True, passes: int = 1) -> AutoencoderResult:
     """Train the QC autoencoder with Adam on ground-truth masks.
 
     Args:
@@ -151,16 +189,13 @@ def train_qc_autoencoder(ae: torch.nn.Module, label_slices: ArrayOrTensor, *, ep
         The best checkpoint and the history.
     """
     device = select_device(device)
-    seed_everything(seed)
     ae.to(device)
     labels = torch.as_tensor(label_slices, device=device)
-    optimiser = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=weight_decay)
-    generator = make_generator(seed, device)
+    optimiser = autoencoder_optimiser(ae, lr, weight_decay)
     keeper = TopKCheckpoints(1, prefix="qc-autoencoder-")
     history: list[dict[str, float]] = []
-    for epoch in range(epochs):
-        stats = autoencoder_one_epoch(ae, labels, optimiser, batch_size=batch_size, generator=generator,
-                                      autocast=autocast)
+
+    def validate_and_keep(epoch: int, stats: EpochStats) -> None:
         record = {"epoch": epoch + 1, "train_loss": stats.loss, "seconds": stats.seconds}
         if val_labels is not None:
             record["val_loss"] = autoencoder_validation_loss(ae, val_labels, batch_size)
@@ -168,6 +203,9 @@ def train_qc_autoencoder(ae: torch.nn.Module, label_slices: ArrayOrTensor, *, ep
         history.append(record)
         if progress is not None:
             progress(record)
+
+    autoencoder_epochs(ae, labels, optimiser, first_epoch=0, epochs=epochs, batch_size=batch_size, seed=seed,
+                       passes=passes, autocast=autocast, after_epoch=validate_and_keep)
     best = keeper.ranked()[0] if len(keeper) else None
     if best is not None and restore_best:
         ae.load_state_dict(best.state_dict)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fedqc.core.io import write_stream
 
 StateDict = dict[str, torch.Tensor]
 
@@ -51,15 +51,7 @@ def save_atomically(obj: object, path: Path) -> None:
         obj: what to save.
         path: the destination; readers never see a partial file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_stream(path, lambda handle: torch.save(obj, handle))
 
 
 class TopKCheckpoints:

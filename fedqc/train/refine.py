@@ -24,14 +24,19 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from fedqc.core.device import autocast_context, eval_mode
 from fedqc.core.errors import ConfigError
+from fedqc.core.types import NUM_CLASSES
 from fedqc.models.segmenter import main_output, predict_probabilities
 from fedqc.train.augment import BatchAugmenter
-from fedqc.core.device import autocast_context, eval_mode
-from fedqc.train.losses import (class_weights_with_rv, deep_supervised, one_hot, semi_supervised_term,
-                                supervised_loss)
+from fedqc.train.losses import (
+    class_weights_with_rv,
+    deep_supervised,
+    one_hot,
+    semi_supervised_term,
+    supervised_loss,
+)
 from fedqc.train.supervised import as_device_tensors
-from fedqc.core.types import NUM_CLASSES
 
 ArrayOrTensor = np.ndarray | torch.Tensor
 AE_INPUTS = ("onehot", "softmax")
@@ -114,7 +119,12 @@ def refine_epoch(model: torch.nn.Module, autoencoder: torch.nn.Module, flagged_c
     has_labelled = labelled_images is not None and labelled_labels is not None and len(labelled_images) > 0
     if has_labelled:
         images_l, labels_l = as_device_tensors(labelled_images, labelled_labels, device)
-    steps = math.ceil(n_flagged / batch_size)
+    # Without a flagged slice the epoch is Eq. 2's supervised term alone, one pass over the labelled
+    # slices (a labelled site in a federated refine round whose own pool flags nothing).
+    if n_flagged:
+        steps = math.ceil(n_flagged / batch_size)
+    else:
+        steps = math.ceil(images_l.shape[0] / batch_size) if has_labelled else 0
     result = {"semi_loss": 0.0, "sup_loss": 0.0, "n_flagged_slices": n_flagged, "n_labelled": 0,
               "steps": steps, "alpha": alpha}
     if steps == 0:
@@ -127,22 +137,29 @@ def refine_epoch(model: torch.nn.Module, autoencoder: torch.nn.Module, flagged_c
     sup_total = torch.zeros((), device=device)
     with eval_mode(autoencoder):
         for step in range(steps):
-            x = flagged[order_f[step * batch_size:(step + 1) * batch_size]]
-            nf = x.shape[0]
+            parts = []
+            nf = 0
+            if n_flagged:
+                parts.append(flagged[order_f[step * batch_size:(step + 1) * batch_size]])
+                nf = parts[0].shape[0]
             if has_labelled:
                 idx = order_l[step * batch_size:(step + 1) * batch_size]
                 x_l, y_l = images_l[idx], labels_l[idx]
                 if augmenter is not None:
                     x_l, y_l = augmenter(x_l, y_l)
-                x = torch.cat([x, x_l])
+                parts.append(x_l)
+            x = torch.cat(parts) if len(parts) > 1 else parts[0]
             with autocast_context(device, autocast):
                 output = model(x)
-            probs = torch.softmax(main_output(output)[:nf].float(), dim=1)
-            target = pseudo_ground_truth(autoencoder, probs, ae_input, autocast)
-            semi = semi_supervised_term(probs, target, weights)
-            loss = alpha * semi
+            loss = torch.zeros((), device=device)
+            if nf:
+                probs = torch.softmax(main_output(output)[:nf].float(), dim=1)
+                target = pseudo_ground_truth(autoencoder, probs, ae_input, autocast)
+                semi = semi_supervised_term(probs, target, weights)
+                loss = alpha * semi
+                semi_total += semi.detach()
             if has_labelled:
-                sup = deep_supervised(supervised_loss, output[nf:], y_l)
+                sup = deep_supervised(supervised_loss, output[nf:] if nf else output, y_l)
                 loss = loss + sup
                 sup_total += sup.detach()
             optimiser.zero_grad(set_to_none=True)
@@ -150,7 +167,6 @@ def refine_epoch(model: torch.nn.Module, autoencoder: torch.nn.Module, flagged_c
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimiser.step()
-            semi_total += semi.detach()
     result["semi_loss"] = semi_total.item() / steps
     result["sup_loss"] = sup_total.item() / steps
     result["n_labelled"] = min(steps * batch_size, images_l.shape[0]) if has_labelled else 0

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from fedqc.core.device import (
+    autocast_context,
+    make_generator,
+    seed_everything,
+    select_device,
+)
 from fedqc.core.errors import ConfigError, FedqcError
+from fedqc.core.types import Label
 from fedqc.models.segmenter import predict_probabilities
 from fedqc.train.augment import AugmentConfig, BatchAugmenter
 from fedqc.train.checkpoints import Checkpoint, TopKCheckpoints
-from fedqc.core.device import autocast_context, make_generator, select_device, seed_everything
 from fedqc.train.losses import deep_supervised, supervised_loss
-from fedqc.core.types import Label
 
 FOREGROUND: tuple[int, ...] = (Label.LV, Label.MYO, Label.RV)
 ArrayOrTensor = np.ndarray | torch.Tensor
@@ -174,6 +179,70 @@ def train_one_epoch(model: torch.nn.Module, images: ArrayOrTensor, labels: Array
     return EpochStats(mean_loss, n, time.perf_counter() - start)
 
 
+EPOCH_SEED_STRIDE = 7919
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of 0-based ``epoch``: batch order, augmentation and dropout of that epoch.
+
+    Seeding per epoch (not once per run) makes an epoch's randomness independent of how the
+    epochs are split into calls: a federated site running epochs 4-7 of a round draws exactly what
+    the centralised loop draws for epochs 4-7.
+    """
+    return seed + EPOCH_SEED_STRIDE * (epoch + 1)
+
+
+def view_passes(slice_counts: Mapping[str, int]) -> dict[str, int]:
+    """Passes over each view's slices per epoch, so that every view gets about as many steps.
+
+    An LA case is one slice against about ten for SA: without this, one epoch gives the LA
+    segmenter a tenth of the SA steps, and a short schedule leaves it untrained.
+    """
+    most = max(slice_counts.values(), default=0)
+    return {view: max(1, round(most / n)) if n else 1 for view, n in slice_counts.items()}
+
+
+def train_epochs(model: torch.nn.Module, images: ArrayOrTensor, labels: ArrayOrTensor,
+                 optimiser: torch.optim.Optimizer, *, first_epoch: int, epochs: int, total_epochs: int, lr: float,
+                 schedule: OptimiserConfig, batch_size: int, seed: int, augment: bool | AugmentConfig = True,
+                 passes: int = 1, grad_clip: float | None = 12.0, autocast: bool = True,
+                 channels_last: bool = False,
+                 after_epoch: Callable[[int, float, EpochStats], Any] | None = None) -> EpochStats:
+    """Epochs ``first_epoch .. first_epoch + epochs - 1`` (0-based, of ``total_epochs``) of Eq. 1.
+
+    The one supervised loop: ``fedqc train`` runs all epochs in one call, a federated site runs a
+    round's local epochs from the global weights (``first_epoch`` = epochs before this round).
+    Each epoch sets the scheduled learning rate, seeds its own randomness (:func:`epoch_seed`) and
+    makes ``passes`` passes over the slices.
+
+    Returns:
+        The last pass's statistics (``num_examples`` counts one pass).
+    """
+    device = next(model.parameters()).device
+    images, labels = as_device_tensors(images, labels, device)
+    aug_config = None
+    if augment:
+        aug_config = augment if isinstance(augment, AugmentConfig) else AugmentConfig()
+    stats = EpochStats(math.nan, 0, 0.0)
+    for epoch in range(first_epoch, first_epoch + epochs):
+        epoch_lr = scheduled_lr(lr, epoch, total_epochs, schedule)
+        set_lr(optimiser, epoch_lr)
+        seed_e = epoch_seed(seed, epoch)
+        seed_everything(seed_e)
+        generator = make_generator(seed_e, device)
+        augmenter = BatchAugmenter(aug_config, seed=seed_e + 1, device=device) if aug_config else None
+        seconds = 0.0
+        for _ in range(passes):
+            stats = train_one_epoch(model, images, labels, optimiser, batch_size=batch_size, generator=generator,
+                                    augmenter=augmenter, grad_clip=grad_clip, autocast=autocast,
+                                    channels_last=channels_last)
+            seconds += stats.seconds
+        stats = EpochStats(stats.loss, stats.num_examples, seconds)
+        if after_epoch is not None:
+            after_epoch(epoch, epoch_lr, stats)
+    return stats
+
+
 def case_dice(prediction: torch.Tensor, truth: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
     """Dice per class over a whole case (all its slices), NaN where the class is absent from both.
 
@@ -239,7 +308,7 @@ def train_segmenter(model: torch.nn.Module, train_images: ArrayOrTensor, train_l
                     augment: bool | AugmentConfig = True, device: str | torch.device = "auto", seed: int = 0,
                     progress: Callable[[dict[str, float]], Any] | None = None, grad_clip: float | None = 12.0,
                     score_classes: Sequence[int] = FOREGROUND, checkpoint_dir: str | None = None,
-                    autocast: bool = True, channels_last: bool = False) -> TrainResult:
+                    autocast: bool = True, channels_last: bool = False, passes: int = 1) -> TrainResult:
     """Train a segmenter with Eq. 1 and keep the m_best checkpoints by validation Dice.
 
     Args:
@@ -262,31 +331,22 @@ def train_segmenter(model: torch.nn.Module, train_images: ArrayOrTensor, train_l
         checkpoint_dir: also save kept checkpoints there.
         autocast: bf16 autocast on CUDA.
         channels_last: channels-last memory format (CUDA).
+        passes: passes over the slices per epoch (:func:`view_passes`).
 
     Returns:
         The ranked checkpoints and the per-epoch history.
     """
     config = optimiser or OptimiserConfig()
     device = select_device(device)
-    seed_everything(seed)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     images, labels = as_device_tensors(train_images, train_labels, device)
     opt = build_optimiser(model, lr, config)
-    generator = make_generator(seed, device)
-    augmenter = None
-    if augment:
-        aug_config = augment if isinstance(augment, AugmentConfig) else AugmentConfig()
-        augmenter = BatchAugmenter(aug_config, seed=seed + 1, device=device)
     keeper = TopKCheckpoints(m_best, checkpoint_dir)
     history: list[dict[str, float]] = []
-    for epoch in range(epochs):
-        epoch_lr = scheduled_lr(lr, epoch, epochs, config)
-        set_lr(opt, epoch_lr)
-        stats = train_one_epoch(model, images, labels, opt, batch_size=batch_size, generator=generator,
-                                augmenter=augmenter, grad_clip=grad_clip, autocast=autocast,
-                                channels_last=channels_last)
+
+    def validate_and_keep(epoch: int, epoch_lr: float, stats: EpochStats) -> None:
         score = (validation_score(model, val_cases, score_classes, batch_size, autocast)
                  if val_cases else -stats.loss)
         keeper.consider(model, epoch + 1, score)
@@ -295,4 +355,8 @@ def train_segmenter(model: torch.nn.Module, train_images: ArrayOrTensor, train_l
         history.append(record)
         if progress is not None:
             progress(record)
+
+    train_epochs(model, images, labels, opt, first_epoch=0, epochs=epochs, total_epochs=epochs, lr=lr,
+                 schedule=config, batch_size=batch_size, seed=seed, augment=augment, grad_clip=grad_clip,
+                 autocast=autocast, channels_last=channels_last, passes=passes, after_epoch=validate_and_keep)
     return TrainResult(keeper.ranked(), history)

@@ -86,9 +86,9 @@ def test_alpha_schedules():
 
 def test_weights_files_are_atomic_private_and_exact(tmp_path):
     weights = {"m0/seg/SA/w": np.arange(6, dtype=np.float32).reshape(2, 3), "ae/n": np.array(3)}
-    path = run_state.save_weights(tmp_path / "c" / "global.npz", weights)
+    path = run_state.save_arrays(tmp_path / "c" / "global.npz", weights)
     assert path.stat().st_mode & 0o777 == 0o600
-    back = run_state.load_weights(path)
+    back = run_state.load_arrays(path)
     assert set(back) == set(weights)
     np.testing.assert_array_equal(back["m0/seg/SA/w"], weights["m0/seg/SA/w"])
     assert not list(path.parent.glob(".*tmp"))

@@ -16,8 +16,8 @@ import pytest
 from fedqc.core.errors import FedqcError
 from fedqc.fl import certs, processes
 from fedqc.fl.launch import SuperLink, SuperNode, run_client, run_server
-from tests.fl.local import one_round_each, run_local_federation, toy_sites
 from fedqc.fl.settings import ClientSettings, ServerSettings
+from tests.fl.local import one_round_each, run_local_federation, toy_sites
 
 pytestmark = pytest.mark.slow
 PHASES = ["init", "supervised", "supervised-evaluate", "qc-autoencoder", "refine", "predict"]

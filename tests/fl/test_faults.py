@@ -19,8 +19,8 @@ import pytest
 
 from fedqc.fl import processes
 from fedqc.fl.launch import SuperNode
-from tests.fl.local import one_round_each, toy_sites
 from fedqc.fl.settings import ClientSettings
+from tests.fl.local import one_round_each, toy_sites
 
 pytestmark = pytest.mark.slow
 

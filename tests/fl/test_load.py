@@ -13,9 +13,9 @@ import time
 import pytest
 
 from fedqc.fl import processes
-from tests.fl.local import one_round_each, run_local_federation, toy_sites
 from fedqc.fl.simulation import SimulationConfig, run_simulation
 from tests.fl.conftest import toy_settings
+from tests.fl.local import one_round_each, run_local_federation, toy_sites
 
 pytestmark = pytest.mark.slow
 

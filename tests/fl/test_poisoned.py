@@ -26,7 +26,7 @@ def test_poisoned_and_broken_updates_are_rejected_and_never_reach_the_global_mod
         assert "norm" in row["rejected"]["P"] and "NaN" in row["rejected"]["N"]
         honest = [row["update_norms"][s] for s in "ABC"]
         assert row["update_norms"]["P"] > 100 * max(honest)
-    weights = run_state.load_weights(run_dir / json.loads((run_dir / "state.json").read_text())["weights"])
+    weights = run_state.load_arrays(run_dir / json.loads((run_dir / "state.json").read_text())["weights"])
     assert all(np.all(np.isfinite(v)) for v in weights.values() if v.dtype.kind == "f")
     scores = json.loads((run_dir / "state.json").read_text())["best"]["scores"]
     assert scores["2"] > scores["1"] > 0  # the honest sites' model keeps learning

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fedqc.site.contract import ALLOWED_METRIC_KEYS, candidate_prefix
 from fedqc.fl import records
-from tests.fl import toy
 from fedqc.fl.settings import DEFAULT_NORM_PATTERN
+from fedqc.site.contract import ALLOWED_METRIC_KEYS, candidate_prefix
+from tests.fl import toy
 
 pytestmark = pytest.mark.slow
 WIRE_DTYPES = {"float32", "float16", "bfloat16", "int64"}

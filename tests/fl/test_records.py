@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedqc.site.contract import MetricKey
 from fedqc.fl import records
+from fedqc.site.contract import MetricKey
 
 
 def _model_weights(seed: int = 0) -> dict[str, np.ndarray]:

@@ -49,17 +49,17 @@ def test_refinement_changed_the_global_model_with_alpha_per_round(fedprox_run):
     assert [r["alpha"] for r in rows] == [1.0, 0.5]
     assert all(r["num_flagged"]["A"] == 24 and r["aggregated_from"] for r in rows)
     best = json.loads((fedprox_run / run_state.SUMMARY).read_text())["m_best"]
-    final = run_state.load_weights(run_state.current_global(fedprox_run))
+    final = run_state.load_arrays(run_state.current_global(fedprox_run))
     for i, round_ in enumerate(best):
-        before = run_state.load_weights(run_state.supervised_checkpoint(fedprox_run, round_))
+        before = run_state.load_arrays(run_state.supervised_checkpoint(fedprox_run, round_))
         assert not np.allclose(final[f"m{i}/seg/SA/conv.weight"], before["seg/SA/conv.weight"])
 
 
 def test_fedbn_keeps_normalisation_layers_out_of_the_global_model(audited_run):
-    final = run_state.load_weights(run_state.current_global(audited_run))
+    final = run_state.load_arrays(run_state.current_global(audited_run))
     np.testing.assert_array_equal(final["m0/seg/SA/bn.weight"], np.ones(4, np.float32))
     np.testing.assert_array_equal(final["m0/seg/SA/bn.running_mean"], np.zeros(4, np.float32))
-    before = run_state.load_weights(run_state.checkpoint_path(audited_run, "supervised-001"))
+    before = run_state.load_arrays(run_state.checkpoint_path(audited_run, "supervised-001"))
     assert not np.allclose(final["m1/seg/SA/conv.weight"], np.zeros_like(before["seg/SA/conv.weight"]))
 
 

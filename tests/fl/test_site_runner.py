@@ -7,7 +7,6 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedqc.site.contract import ConfigKey, MetricKey, Task, candidate_prefix
 from fedqc.fl import appdir, records, site_runner
 from fedqc.fl.rounds import (
     AE_HASH,
@@ -18,6 +17,7 @@ from fedqc.fl.rounds import (
     weights_digest,
 )
 from fedqc.fl.settings import DEFAULT_NORM_PATTERN
+from fedqc.site.contract import ConfigKey, MetricKey, Task, candidate_prefix
 
 FACTORY = "tests.fl.toy:make_toy_site"
 

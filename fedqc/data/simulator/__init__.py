@@ -13,12 +13,23 @@ from pathlib import Path
 
 import numpy as np
 
-from fedqc.data.simulator.anatomy import DISEASES
-from fedqc.data.simulator.presets import PRESETS, CentreSpec, Preset, get_preset, preset_table
-from fedqc.data.simulator.subject import SimulatedSubject, simulate_subject
-from fedqc.data.simulator.write import PreviewPanel, save_nifti, write_metadata_csv, write_preview
 from fedqc.core.errors import ConfigError, DataError
 from fedqc.core.types import PHASES, VIEWS
+from fedqc.data.simulator.anatomy import DISEASES
+from fedqc.data.simulator.presets import (
+    PRESETS,
+    CentreSpec,
+    Preset,
+    get_preset,
+    preset_table,
+)
+from fedqc.data.simulator.subject import SimulatedSubject, simulate_subject
+from fedqc.data.simulator.write import (
+    PreviewPanel,
+    save_nifti,
+    write_metadata_csv,
+    write_preview,
+)
 
 __all__ = ["DISEASES", "PRESETS", "Preset", "get_preset", "preset_table", "simulate_dataset"]
 

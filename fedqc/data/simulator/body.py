@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedqc.core.types import FloatArray
 from fedqc.data.simulator.anatomy import BodyShape
 from fedqc.data.simulator.heart import Layer
 from fedqc.data.simulator.shapes import ellipsoid_sdf, wave_field
 from fedqc.data.simulator.tissue import Tissue
-from fedqc.core.types import FloatArray
 
 _DOME_RADIUS_MM = 120.0
 

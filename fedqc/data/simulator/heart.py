@@ -18,11 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedqc.data.simulator.anatomy import SubjectAnatomy
-from fedqc.data.simulator.shapes import (bullet_sdf, capsule_sdf, ellipsoid_sdf, inside_fraction,
-                                         smooth_max, wave_field)
-from fedqc.data.simulator.tissue import Tissue
 from fedqc.core.types import FloatArray
+from fedqc.data.simulator.anatomy import SubjectAnatomy
+from fedqc.data.simulator.shapes import (
+    bullet_sdf,
+    capsule_sdf,
+    ellipsoid_sdf,
+    inside_fraction,
+    smooth_max,
+    wave_field,
+)
+from fedqc.data.simulator.tissue import Tissue
 
 #: A paint layer: (signed distance mm, or a ready fraction in [0, 1]), tissue, is_fraction.
 Layer = tuple[FloatArray, Tissue, bool]

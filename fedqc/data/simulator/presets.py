@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedqc.core.errors import ConfigError
 from fedqc.data.simulator.anatomy import DISEASES
 from fedqc.data.simulator.tissue import REFERENCE_CONTRAST
-from fedqc.core.errors import ConfigError
 
 #: As in M&Ms-2, tricuspid regurgitation and dilated RV appear only outside the labelled centres.
 LABELLED_DISEASES: tuple[str, ...] = ("NOR", "LV", "HCM", "ARR", "FALL", "CIA")

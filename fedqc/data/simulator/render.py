@@ -13,13 +13,13 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from fedqc.core.types import FloatArray, Label, LabelArray
 from fedqc.data.simulator.anatomy import SubjectAnatomy
 from fedqc.data.simulator.body import body_layers
 from fedqc.data.simulator.heart import HeartLayers, Layer, heart_layers
 from fedqc.data.simulator.planes import SlicePlane
 from fedqc.data.simulator.shapes import inside_fraction, wave_field
 from fedqc.data.simulator.tissue import TEXTURE_AMPLITUDE, TISSUE_NAMES, Tissue
-from fedqc.core.types import FloatArray, Label, LabelArray
 
 #: Half-size of the square around the heart that gets the detailed, multi-depth rendering.
 HEART_HALF_SIZE_MM = 90.0

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedqc.core.types import FloatArray
 from fedqc.data.simulator.planes import StackGeometry
 from fedqc.data.simulator.presets import REFERENCE_APPEARANCE, CentreSpec
 from fedqc.data.simulator.tissue import blend_contrast
-from fedqc.core.types import FloatArray
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedqc.core.types import PHASES, VIEWS, Phase, View
 from fedqc.data.simulator.anatomy import SubjectAnatomy, sample_anatomy
 from fedqc.data.simulator.planes import la_plane, sa_stack
 from fedqc.data.simulator.presets import CentreSpec
 from fedqc.data.simulator.render import render_plane
-from fedqc.data.simulator.scanner import Protocol, acquire, exam_fields, sample_protocol, to_stored
+from fedqc.data.simulator.scanner import (
+    Protocol,
+    acquire,
+    exam_fields,
+    sample_protocol,
+    to_stored,
+)
 from fedqc.data.simulator.tissue import contrast_vector
-from fedqc.core.types import PHASES, VIEWS, Phase, View
 
 
 @dataclass(frozen=True)

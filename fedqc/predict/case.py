@@ -1,0 +1,53 @@
+"""QC-based candidate selection on one case (Sec. 2.3, steps 1-5), in the network grid."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedqc.config import Config
+from fedqc.data.site import PreparedCase
+from fedqc.qc.ood import flag_ood
+from fedqc.qc.scoring import candidate_outputs
+from fedqc.qc.selection import apply_selection, select_candidate
+from fedqc.qc.thresholds import Thresholds
+
+
+@dataclass
+class CasePrediction:
+    """QC-based selection's outcome for one case, in the network grid."""
+
+    probs: np.ndarray  # (Z, C, H, W) selected (or fallback-averaged) probabilities
+    labels: np.ndarray  # (Z, H, W)
+    reconstruction: np.ndarray  # (Z, H, W) reconstruction of the selected candidate (or of the best-pDC one)
+    pdc: np.ndarray  # (m,)
+    phd: np.ndarray  # (m,)
+    ood: bool
+    selected: int | None  # candidate index, None for the fallback average
+    pdc_selected: float
+    phd_selected: float
+
+
+def predict_case(config: Config, models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
+                 case: PreparedCase, thresholds: Thresholds, device: torch.device,
+                 selection: bool = True) -> CasePrediction:
+    """Sec. 2.3 steps 1-5 on one case (``selection=False``: the first candidate, i.e. M)."""
+    probs, recons, pdc, phd = candidate_outputs(models, autoencoder, case, config.qc, device)
+    ood = bool(flag_ood(pdc[None], phd[None], thresholds)[0])
+    if selection:
+        choice = select_candidate(pdc, phd, thresholds.th_up_phd)
+        chosen = apply_selection(choice, probs)
+        index = choice.index
+    else:
+        chosen, index = probs[0], 0
+    ref = index if index is not None else int(np.argmax(pdc))
+    if index is None:
+        i, j = choice.fallback_pair
+        pdc_sel, phd_sel = float(max(pdc[i], pdc[j])), float(min(phd[i], phd[j]))
+    else:
+        pdc_sel, phd_sel = float(pdc[index]), float(phd[index])
+    return CasePrediction(probs=chosen, labels=chosen.argmax(1).astype(np.uint8), reconstruction=recons[ref],
+                          pdc=pdc, phd=phd, ood=ood, selected=index, pdc_selected=pdc_sel, phd_selected=phd_sel)
