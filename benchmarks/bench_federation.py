@@ -45,11 +45,11 @@ def _site(config_path: Path, data: Path, subjects: int, preset: str, seed: int):
 def local_rounds(settings, node: dict, rounds: int) -> list[dict]:
     """The site's work for ``rounds`` supervised rounds, in this process."""
     from fedqc.fl.appdir import run_config, site_run_config
-    from fedqc.fl.site_runner import load_factory
+    from fedqc.site.algorithm import site_factory
     from fedqc.site.contract import ConfigKey, Task
 
     started = time.perf_counter()
-    algo = load_factory(settings.site_factory)(node, site_run_config(run_config(settings, Path(node["work-dir"]))))
+    algo = site_factory(node, {})(node, site_run_config(run_config(settings, Path(node["work-dir"]))))
     init = algo.run(Task.SUPERVISED, None, {ConfigKey.LOCAL_EPOCHS.value: 0, ConfigKey.SEED.value: settings.seed})
     weights = {k: v for k, v in init.weights.items() if not k.startswith("ae/")}
     times = [{"round": 0, "seconds": round(time.perf_counter() - started, 3), "what": "build + initial weights"}]

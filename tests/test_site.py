@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from fedqc.config import config_from_dict, to_dict
-from fedqc.site.algorithm import encode_value, flatten, make_site_algo, unflatten
+from fedqc.config.flat import encode_value, flatten, unflatten
+from fedqc.site.algorithm import make_site_algo
 from fedqc.site.contract import ALLOWED_METRIC_KEYS, Task, candidate_prefix
 from tests.conftest import tiny_config_dict
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from fedqc.config import config_from_dict, to_dict
+from fedqc.config.flat import encode_value, flatten
 from fedqc.core.errors import DataError
 from fedqc.qc.thresholds import Thresholds
-from fedqc.site.algorithm import encode_value, flatten, make_site_algo
+from fedqc.site.algorithm import make_site_algo
 from fedqc.site.contract import Task, candidate_prefix
 from tests.conftest import tiny_config_dict
 

@@ -171,7 +171,9 @@ def evaluate_command(data: Path, pred: Path, json_path: Path | None = None) -> i
 
 def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int:
     """``fedqc simulate``: the whole federation on this machine, then the per-site ablation report."""
-    from fedqc.fl.from_config import federated_report, federation_settings, node_config
+    from fedqc.evaluation.federated_report import federated_report
+    from fedqc.fl import run_state
+    from fedqc.fl.from_config import federation_settings, node_config
     from fedqc.fl.simulation import SimulationConfig, run_simulation, summary
 
     config = load_config(config_path, overrides)
@@ -184,7 +186,9 @@ def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int
     run_simulation(simulation, run)
     seconds = time.perf_counter() - start
     print(f"federation finished in {seconds:.0f} s; scoring each site's held-out test subjects")
-    table = federated_report(config, run)
+    state = run_state.read_json(run / run_state.STATE)
+    supervised = [run_state.load_arrays(run_state.supervised_checkpoint(run, r)) for r in state.get("candidates") or []]
+    table = federated_report(config, run, run_state.load_arrays(run / state["weights"]), supervised)
     from fedqc.evaluation.figures import round_log_pngs
 
     plots = round_log_pngs(run)

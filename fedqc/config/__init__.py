@@ -48,12 +48,17 @@ class SiteConfig:
     label_remap: Mapping[int, int] = field(default_factory=dict)
     # Subjects held out from adaptation for testing (fraction of this site's subjects).
     test_fraction: float = 0.0
+    # Labelled sites: fraction of the non-test subjects whose labels are never read; they form the
+    # site's own adaptation pool (a hospital that labelled only part of its archive).
+    unlabelled_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
             raise ValueError(f"site name {self.name!r} must be non-empty without spaces or slashes")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"sites.{self.name}.test_fraction must be in [0, 1)")
+        if not 0.0 <= self.unlabelled_fraction < 1.0:
+            raise ValueError(f"sites.{self.name}.unlabelled_fraction must be in [0, 1)")
 
 
 @dataclass(frozen=True)

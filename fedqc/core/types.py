@@ -28,3 +28,13 @@ class Label(IntEnum):
 
 NUM_CLASSES = 4
 CLASS_NAMES: dict[int, str] = {1: "LV", 2: "MYO", 3: "RV"}
+
+
+def candidate_prefix(index: int) -> str:
+    """Name prefix of the ``index``-th m_best segmenter in REFINE / PREDICT weights.
+
+    Those weights hold ``m0/seg/SA/...``, ``m1/seg/SA/...`` (one copy per candidate, best first)
+    plus the frozen ``ae/...`` autoencoder; SUPERVISED and EVALUATE weights hold ``seg/...`` only,
+    QC_AUTOENCODER weights ``ae/...`` only.
+    """
+    return f"m{index}/"

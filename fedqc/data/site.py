@@ -112,7 +112,8 @@ def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_l
     """Read one site's cases of ``view`` and split them by subject.
 
     Labelled sites: test subjects (``site.test_fraction``) are held out, the rest is split into
-    training and validation (``train.val_fraction``). Unlabelled sites: test subjects are held out
+    training and validation (``train.val_fraction``), after ``site.unlabelled_fraction`` of it has
+    gone to the site's adaptation pool (labels never read). Unlabelled sites: test subjects are held out
     and the rest is the adaptation pool, whose labels are never read. Test labels are read only
     for evaluation (``with_test_labels``). ``cache_dir`` keeps preprocessed cases between runs.
     """
@@ -127,6 +128,10 @@ def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_l
         rest, test_subjects = rest_group, set(test_group)
     split = SiteSplit(site=site.name, view=view)
     val_subjects: set[str] = set()
+    pool_subjects: set[str] = set()
+    if site.labelled and site.unlabelled_fraction > 0:
+        rest, pool_group = split_subjects(rest, [1 - site.unlabelled_fraction, site.unlabelled_fraction], seed + 2)
+        pool_subjects = set(pool_group)
     if site.labelled:
         train_group, val_group = split_subjects(rest, [1 - config.train.val_fraction, config.train.val_fraction],
                                                 seed + 1)
@@ -138,7 +143,7 @@ def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_l
     for i, case in enumerate(cases):
         if case.subject in test_subjects:
             split.test.append(prepare_case(case, spec, with_test_labels, remap, cache_dir))
-        elif site.labelled:
+        elif site.labelled and case.subject not in pool_subjects:
             if case.label is None:
                 raise DataError(case.image, f"site {site.name!r} is labelled but this case has no label file")
             target = split.val if case.subject in val_subjects else split.train

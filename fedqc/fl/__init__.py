@@ -13,7 +13,10 @@ Importing ``fedqc.fl`` itself imports nothing heavy; the modules are:
 * :mod:`~fedqc.fl.appdir`: the generated Flower app of a run and its run-config keys.
 * :mod:`~fedqc.fl.simulation`: the same apps on Flower's simulation engine.
 * :mod:`~fedqc.fl.processes`, :mod:`~fedqc.fl.launch`: SuperLink / SuperNode processes, ``flwr``
-  CLI, ``run_server`` / ``run_client``; :mod:`~tests.fl.local`: a loopback federation (self-test).
+  CLI, ``run_server`` / ``run_client``.
+* :mod:`~fedqc.fl.from_config`: a fedqc config as federation settings and node configs.
 * :mod:`~fedqc.fl.certs`: a CA, a server certificate and site keys for tests and how-tos.
-* :mod:`~tests.fl.toy`: a tiny real SiteAlgo that exercises every task.
+
+Test harnesses (a toy site algorithm with fault injection, a loopback federation) live under
+``tests/fl/``, not in the package.
 """

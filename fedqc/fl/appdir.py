@@ -4,8 +4,9 @@ The app bundle Flower ships to the SuperLink and SuperNodes holds this one file:
 point at the installed ``fedqc.fl.server_app:app`` / ``fedqc.fl.client_app:app``, so no source
 and no weights travel (the bundle is a few hundred bytes; Flower caps it at 10 MB), and every
 party runs the fedqc it installed. The run config is flat scalars: paths on the coordinator's
-machine (read only by the ServerApp), the site factory and the flattened site settings (read by
-every ClientApp).
+machine (read only by the ServerApp) and the flattened site settings (read by every ClientApp).
+It never names site code: each hospital chooses what runs on its data (``site-algorithm`` in its
+own node config).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ CLIENT_COMPONENT = "fedqc.fl.client_app:app"
 RUN_DIR = "run-dir"  # coordinator: the run directory
 SETTINGS = "settings"  # coordinator: RUN/federation.json
 RESUME = "resume"  # coordinator: continue from RUN/state.json
-SITE_FACTORY = "site-factory"  # every site: module:function building its SiteAlgo
 AUDIT_DIR = "audit-dir"  # every site: where to record its replies ("" = off)
 TORCH_THREADS = "torch-threads"  # every site: torch threads per process (0 = torch's default)
 SITE_CACHE_SIZE = "site-cache-size"  # every site: SiteAlgo objects kept per process
@@ -43,7 +43,6 @@ def run_config(settings: FederationSettings, run_dir: Path, resume: bool = False
         RUN_DIR: str(run_dir),
         SETTINGS: str(run_dir / "federation.json"),
         RESUME: resume,
-        SITE_FACTORY: settings.site_factory,
         AUDIT_DIR: str(run_dir / "audit") if settings.audit_replies else "",
         TORCH_THREADS: settings.torch_threads,
         SITE_CACHE_SIZE: settings.site_cache_size,

@@ -315,9 +315,3 @@ def run_client(site_config_path: str | Path | None, insecure: bool, *, settings:
         return 130
     finally:
         node.stop()
-
-
-if __name__ == "__main__":
-    from tests.fl.local import main
-
-    raise SystemExit(main())

@@ -30,7 +30,6 @@ DEFAULT_NORM_PATTERN = (
     r"(^|[./_])(bn\d*|norm\d*|batch_?norm\d*|instance_?norm\d*|group_?norm\d*|layer_?norm\d*|N)[./]"
     r"|running_mean$|running_var$|num_batches_tracked$"
 )
-DEFAULT_SITE_FACTORY = "fedqc.site.algorithm:make_site_algo"
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,6 @@ class FederationSettings:
             message; ``on-request`` sends it only to a site that asks (sites that cache it on disk).
         initial_weights: ``.npz`` of ``seg/...`` and ``ae/...`` arrays; empty: one site returns
             its freshly initialised weights (``local-epochs`` 0, ``weights`` None) first.
-        site_factory: ``module:function`` building a site's SiteAlgo from (node_config, run_config).
         seed: sent to sites as ``seed``.
         site_run_config: flat scalars every site's factory receives in ``run_config`` (the model and
             training settings from the YAML, flattened to dotted keys).
@@ -99,7 +97,6 @@ class FederationSettings:
     norm_factor: float = 10.0
     ae_delivery: Literal["push", "on-request"] = "push"
     initial_weights: str = ""
-    site_factory: str = DEFAULT_SITE_FACTORY
     seed: int = 0
     site_run_config: Mapping[str, Scalar] = field(default_factory=dict)
     audit_replies: bool = False
@@ -125,7 +122,6 @@ class FederationSettings:
             "trim_fraction": 0.0 <= self.trim_fraction < 0.5,
             "norm_factor": self.norm_factor == 0 or 1.0 <= self.norm_factor < float("inf"),
             "ae_delivery": self.ae_delivery in ("push", "on-request"),
-            "site_factory": ":" in self.site_factory,
             "site_cache_size": self.site_cache_size >= 1,
         }
         for key, ok in checks.items():
@@ -137,9 +133,9 @@ class FederationSettings:
 
     def alpha_at(self, k: int) -> float:
         """Weight of the semi-supervised term at refine round ``k`` (1-based)."""
-        if self.alpha == "inverse":
-            return 1.0 / k
-        return (self.refine_rounds - k + 1) / self.refine_rounds
+        from fedqc.train.losses import alpha_schedule
+
+        return alpha_schedule(k, self.alpha, self.refine_rounds)
 
     def to_json(self, path: Path) -> Path:
         """Write these settings to ``path``, private (read back with :meth:`from_json`)."""

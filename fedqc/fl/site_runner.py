@@ -3,7 +3,8 @@
 The ClientApp (:mod:`fedqc.fl.client_app`) hands every message here. In order:
 
 1. the site's node config (in simulation, looked up by partition id) and its SiteAlgo, built once
-   per process by the factory named in the run config and cached (deployment starts a fresh
+   per process by the factory the site's own node config names (``site-algorithm``; never the
+   coordinator's run config: :func:`fedqc.site.algorithm.site_factory`) and cached (deployment starts a fresh
    process per message; simulation reuses processes across sites);
 2. the weights: the received global weights, plus the frozen autoencoder (received now, or
    kept in ``context.state`` / the site's work dir), plus, with FedBN, the site's own
@@ -17,7 +18,6 @@ The ClientApp (:mod:`fedqc.fl.client_app`) hands every message here. In order:
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import re
@@ -37,6 +37,7 @@ from fedqc.fl.rounds import (
     NORM_PATTERN,
     TRANSFER_DTYPE,
 )
+from fedqc.site.algorithm import site_factory
 from fedqc.site.contract import SiteAlgo, SiteReply, Task, Weights
 
 SITE_ERROR = 4100  # Error code of a reply whose site algorithm raised
@@ -61,12 +62,6 @@ def site_id_of(context: Context) -> str:
     return str(node_config_of(context).get("site-id", f"node-{context.node_id}"))
 
 
-def load_factory(spec: str):
-    """Import ``module:function``."""
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def site_algo(context: Context) -> SiteAlgo:
     """The site's SiteAlgo, built once per (run, node) in this process and cached (LRU)."""
     run_config = dict(context.run_config)
@@ -80,8 +75,9 @@ def site_algo(context: Context) -> SiteAlgo:
     if key in _ALGOS:
         _ALGOS.move_to_end(key)
         return _ALGOS[key]
-    factory = load_factory(str(run_config[appdir.SITE_FACTORY]))
-    algo = factory(node_config_of(context), appdir.site_run_config(run_config))
+    node_config = node_config_of(context)
+    factory = site_factory(node_config, run_config)  # the hospital's choice; refuses the coordinator's
+    algo = factory(node_config, appdir.site_run_config(run_config))
     _ALGOS[key] = algo
     while len(_ALGOS) > int(run_config.get(appdir.SITE_CACHE_SIZE, 8) or 8):
         _ALGOS.popitem(last=False)
@@ -189,8 +185,3 @@ def handle(msg: Message, context: Context) -> Message:
         reason = f"site {site_id}: {type(exc).__name__} during {task or 'an unknown task'} (details in the site's log)"
         return Message(Error(code=SITE_ERROR, reason=reason), reply_to=msg)
     return Message(content, reply_to=msg)
-
-
-def cached_algos() -> int:
-    """How many site algorithms this process holds (for tests)."""
-    return len(_ALGOS)

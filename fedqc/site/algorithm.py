@@ -11,31 +11,55 @@ autoencoder), and in REFINE / PREDICT ``m<i>/seg/<view>/<param>`` for the m_best
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import importlib
 import time
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
-import yaml
 
-from fedqc.config import Config, config_from_dict
-from fedqc.core.types import View
-from fedqc.data.site import SiteSplit, load_site_split, stack_slices
+from fedqc.core.errors import FedqcError
+from fedqc.site import tasks as site_tasks
 from fedqc.site.contract import (
     ConfigKey,
     MetricKey,
     Scalar,
     SiteReply,
     Task,
-    Weights,
-    candidate_prefix,
 )
+from fedqc.site.state import SiteState, site_config
 
-NODE_SITE_KEYS = ("root", "filter", "labelled", "layout", "test-fraction", "label-remap")
+SITE_ALGORITHM = "site-algorithm"  # node-config key: the code this hospital runs on its data
+BUILTIN_ALGORITHMS = {"fedqc": "fedqc.site.algorithm:make_site_algo"}
+# Run-config keys by which a coordinator could try to choose a site's code: always refused.
+COORDINATOR_CODE_KEYS = ("site-factory", "site-algorithm", "site.site-algorithm")
+
+
+class SiteCodeRefused(FedqcError):
+    """The coordinator tried to choose the code a hospital runs on its data."""
+
+
+def site_factory(node_config: Mapping[str, Scalar], run_config: Mapping[str, Scalar]):
+    """The factory of the site algorithm this hospital chose, never one the coordinator names.
+
+    The hospital's own node config (its ``site.yaml`` / SuperNode ``--node-config``) names it:
+    ``site-algorithm`` = ``fedqc`` (the default, fedqc's own method) or an explicit
+    ``module:function`` of code the hospital installed and vetted. A run config that carries a
+    code key (:data:`COORDINATOR_CODE_KEYS`) is refused.
+
+    Raises:
+        SiteCodeRefused: the run config names site code.
+    """
+    named = [k for k in COORDINATOR_CODE_KEYS if k in run_config]
+    if named:
+        raise SiteCodeRefused(f"the coordinator's run config names site code ({named[0]} = "
+                              f"{run_config[named[0]]!r}); this site runs only the algorithm its own config names "
+                              f"({SITE_ALGORITHM} = {node_config.get(SITE_ALGORITHM, 'fedqc')!r})")
+    spec = str(node_config.get(SITE_ALGORITHM, "fedqc") or "fedqc")
+    spec = BUILTIN_ALGORITHMS.get(spec, spec)
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise SiteCodeRefused(f"{SITE_ALGORITHM} = {spec!r}: use 'fedqc' or module:function")
+    return getattr(importlib.import_module(module), name)
 
 
 def make_site_algo(node_config: Mapping[str, Scalar], run_config: Mapping[str, Scalar]) -> FedqcSite:
@@ -48,89 +72,12 @@ def make_site_algo(node_config: Mapping[str, Scalar], run_config: Mapping[str, S
     return FedqcSite(site_config(node_config, run_config), node_config)
 
 
-def unflatten(flat: Mapping[str, Scalar]) -> dict[str, Any]:
-    """``{"train.epochs": 3}`` -> ``{"train": {"epochs": 3}}``; flow-YAML lists and mappings are decoded."""
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        if isinstance(value, str) and value[:1] in "[{":
-            value = yaml.safe_load(value)
-        node[parts[-1]] = value
-    return nested
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
-    """Inverse of :func:`unflatten`: lists and mappings below the sections become flow-style YAML.
-
-    (Flow YAML quotes with single quotes: Flower's run-config parser stops at a double quote.)
-    """
-    flat: dict[str, Scalar] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and not prefix:
-            flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, (Mapping, list, tuple)):
-            flat[name] = encode_value(value)
-        elif value is not None:
-            flat[name] = value
-    return flat
-
-
-def encode_value(value: Any) -> str:
-    """A list or mapping as one line of flow-style YAML (no double quotes)."""
-    plain = json.loads(json.dumps(value))  # tuples -> lists, mapping proxies -> dicts
-    return yaml.safe_dump(plain, default_flow_style=True, width=1 << 30).strip()
-
-
-def decode_value(value: Any) -> Any:
-    return yaml.safe_load(value) if isinstance(value, str) and value else {}
-
-
-def site_config(node_config: Mapping[str, Scalar], run_config: Mapping[str, Scalar]) -> Config:
-    """The site's own :class:`Config`: the run's settings with this one site."""
-    data = unflatten({k: v for k, v in run_config.items() if not k.startswith(("sites", "simulated"))})
-    site: dict[str, Any] = {"name": str(node_config.get("site-id", "site"))}
-    for key in NODE_SITE_KEYS:
-        if key in node_config:
-            value = node_config[key]
-            if key in ("filter", "label-remap") and isinstance(value, str):
-                value = decode_value(value)
-            site[key.replace("-", "_")] = value
-    if "views" in node_config:
-        data["views"] = [v.strip() for v in str(node_config["views"]).split(",") if v.strip()]
-    data["sites"] = [site]
-    return config_from_dict(data)
-
-
-class FedqcSite:
-    """A hospital: lazily reads and caches its data per view, answers the coordinator's tasks."""
-
-    def __init__(self, config: Config, node_config: Mapping[str, Scalar]):
-        from fedqc.core.device import select_device
-
-        self.config = config
-        self.site = config.sites[0]
-        self.work_dir = Path(str(node_config.get("work-dir", "fedqc-site")))
-        self.device = select_device(str(node_config.get("device", config.train.device)))
-        self._splits: dict[View, SiteSplit] = {}
-        self._labelled: dict[View, tuple[np.ndarray, np.ndarray]] = {}
-
-    # -- data ------------------------------------------------------------------------------------
-
-    def split(self, view: View) -> SiteSplit:
-        if view not in self._splits:
-            self._splits[view] = load_site_split(self.site, view, self.config, with_test_labels=False,
-                                                 progress=None, cache_dir=self.work_dir / "cache")
-        return self._splits[view]
+class FedqcSite(SiteState):
+    """A hospital's :class:`~fedqc.site.contract.SiteAlgo`: each task of the protocol, on its own data."""
 
     # -- protocol ----------------------------------------------------------------------------------
 
     def run(self, task: Task, weights: Mapping[str, np.ndarray] | None, config: Mapping[str, Scalar]) -> SiteReply:
-        from fedqc.site import tasks as site_tasks
-
         started = time.perf_counter()
         epochs = int(config.get(ConfigKey.LOCAL_EPOCHS, 1))
         task = Task(task)
@@ -143,28 +90,5 @@ class FedqcSite:
         reply.metrics[MetricKey.SECONDS.value] = round(time.perf_counter() - started, 3)
         return reply
 
-    # -- weights ---------------------------------------------------------------------------------
 
-    def load_module(self, module: torch.nn.Module, weights: Mapping[str, np.ndarray], prefix: str) -> torch.nn.Module:
-        state = {k[len(prefix):]: torch.as_tensor(np.asarray(v)) for k, v in weights.items() if k.startswith(prefix)}
-        if not state:
-            raise KeyError(f"no weights named {prefix}* in the coordinator's message")
-        module.load_state_dict(state)
-        return module.to(self.device)
-
-    @staticmethod
-    def export(module: torch.nn.Module, prefix: str) -> Weights:
-        return {prefix + k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
-
-    def labelled_slices(self, view: View) -> tuple[np.ndarray, np.ndarray]:
-        """The site's labelled training slices of ``view``, stacked once per process."""
-        if view not in self._labelled:
-            self._labelled[view] = stack_slices(self.split(view).train)
-        return self._labelled[view]
-
-
-def with_seed(config: Config, seed: int) -> Config:
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, seed=seed))
-
-
-__all__ = ["FedqcSite", "candidate_prefix", "flatten", "make_site_algo", "site_config", "unflatten"]
+__all__ = ["FedqcSite", "make_site_algo", "site_config", "site_factory"]

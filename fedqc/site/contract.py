@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from fedqc.core.types import candidate_prefix  # noqa: F401  (part of the contract: weight names)
+
 Scalar = bool | int | float | str
 Weights = dict[str, np.ndarray]
 
@@ -44,11 +46,6 @@ class MetricKey(StrEnum):
     VAL_RV_DICE = "val-rv-dice"
     ALPHA = "alpha"
     SECONDS = "seconds"  # wall time of the local work
-    # Labelled-validation fence variant only (behind an explicit config option): summary quantiles.
-    VAL_PDC_Q1 = "val-pdc-q1"
-    VAL_PDC_Q3 = "val-pdc-q3"
-    VAL_PHD_Q1 = "val-phd-q1"
-    VAL_PHD_Q3 = "val-phd-q3"
 
 
 ALLOWED_METRIC_KEYS: frozenset[str] = frozenset(k.value for k in MetricKey)
@@ -65,16 +62,6 @@ class ConfigKey(StrEnum):
     PROXIMAL_MU = "proximal-mu"  # FedProx: add mu/2 * ||w - w_received||^2 to the local loss; 0 = off
     NUM_CANDIDATES = "num-candidates"  # m_best segmenters carried in REFINE / PREDICT weights
     SEED = "seed"
-
-
-def candidate_prefix(index: int) -> str:
-    """Name prefix of the ``index``-th m_best segmenter in REFINE / PREDICT weights.
-
-    Those weights hold ``m0/seg/SA/...``, ``m1/seg/SA/...`` (one copy per candidate, best first)
-    plus the frozen ``ae/...`` autoencoder; SUPERVISED and EVALUATE weights hold ``seg/...`` only,
-    QC_AUTOENCODER weights ``ae/...`` only.
-    """
-    return f"m{index}/"
 
 
 @dataclass

@@ -22,7 +22,6 @@ from fedqc.qc.fences import choose_fences, fences_from_scores, fit_fences
 from fedqc.qc.ood import flag_ood
 from fedqc.qc.scoring import score_cases
 from fedqc.qc.thresholds import Thresholds
-from fedqc.site.algorithm import FedqcSite
 from fedqc.site.contract import (
     ConfigKey,
     MetricKey,
@@ -31,13 +30,14 @@ from fedqc.site.contract import (
     Task,
     candidate_prefix,
 )
+from fedqc.site.state import SiteState
 from fedqc.train.stages import autoencoder_round, refine_round, supervised_round
 from fedqc.train.supervised import validation_score, view_passes
 
 M = MetricKey
 
 
-def initial_weights(site: FedqcSite, task: Task, seed: int) -> dict[str, np.ndarray]:
+def initial_weights(site: SiteState, task: Task, seed: int) -> dict[str, np.ndarray]:
     """Freshly initialised global weights (the coordinator asks one site once)."""
     out: dict[str, np.ndarray] = {}
     for view in site.config.views:
@@ -60,7 +60,7 @@ def _proximal_hooks(model: torch.nn.Module, mu: float) -> list:
     return hooks
 
 
-def supervised(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
+def supervised(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
     """Round r of Eq. 1: epochs (r-1)E .. rE-1 of the schedule over R rounds x E local epochs."""
     if not site.site.labelled:
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0})
@@ -91,16 +91,16 @@ def supervised(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epo
     return SiteReply(weights=out, metrics=metrics)
 
 
-def _val_cases(site: FedqcSite, view: str) -> list:
+def _val_cases(site: SiteState, view: str) -> list:
     return [(c.images[:, None].astype(np.float32), c.labels) for c in site.split(view).val]
 
 
-def _view_passes(site: FedqcSite) -> dict[str, int]:
+def _view_passes(site: SiteState) -> dict[str, int]:
     """Passes per epoch over each view's slices (:func:`fedqc.train.supervised.view_passes`)."""
     return view_passes({view: len(site.labelled_slices(view)[0]) for view in site.config.views})
 
 
-def autoencoder(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
+def autoencoder(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
     """Round r of L^R on the site's ground-truth masks."""
     if not site.site.labelled:
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0})
@@ -118,7 +118,7 @@ def autoencoder(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], ep
     return SiteReply(weights=out, metrics={M.NUM_EXAMPLES.value: n, M.TRAIN_LOSS.value: float(np.mean(losses))})
 
 
-def evaluate(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
+def evaluate(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
     if not site.site.labelled:
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0})
     dice, rv, n = [], [], 0
@@ -132,7 +132,7 @@ def evaluate(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epoch
                               M.VAL_RV_DICE.value: float(np.mean(rv))})
 
 
-def _autoencoder_for(site: FedqcSite, weights: dict, view: str) -> torch.nn.Module:
+def _autoencoder_for(site: SiteState, weights: dict, view: str) -> torch.nn.Module:
     """The frozen autoencoder: from this message (then cached in the work dir) or from the cache."""
     path = site.work_dir / "qc_autoencoder" / f"{view}.pt"
     prefix = f"ae/{view}/"
@@ -151,12 +151,12 @@ def _autoencoder_for(site: FedqcSite, weights: dict, view: str) -> torch.nn.Modu
     return ae.eval()
 
 
-def _candidates(site: FedqcSite, weights: dict, view: str, m: int) -> list[torch.nn.Module]:
+def _candidates(site: SiteState, weights: dict, view: str, m: int) -> list[torch.nn.Module]:
     return [site.load_module(new_segmenter(site.config), weights, f"{candidate_prefix(i)}seg/{view}/")
             for i in range(m)]
 
 
-def site_fences(site: FedqcSite, view: str, models, ae, pool_scores=None) -> Thresholds:
+def site_fences(site: SiteState, view: str, models, ae, pool_scores=None) -> Thresholds:
     """The site's fences for ``view`` (:func:`fedqc.qc.fences.choose_fences`), fitted once and kept
     in its work dir: its own labelled validation cases or its own pool.
 
@@ -182,7 +182,7 @@ def site_fences(site: FedqcSite, view: str, models, ae, pool_scores=None) -> Thr
     return th
 
 
-def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
+def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
     """Round k of Eq. 2, in order: score the pool with every candidate -> fences -> OoD flags ->
     :func:`fedqc.train.stages.refine_round` on the flagged cases (labelled sites add the supervised
     term; a labelled site with nothing flagged contributes that term alone) -> weights and counts."""
@@ -222,7 +222,7 @@ def refine(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs:
     return SiteReply(weights=out if n_examples else None, metrics=metrics)
 
 
-def predict(site: FedqcSite, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
+def predict(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
     """QC-based selection on every case of the site; files stay in ``WORK/predictions``."""
     from fedqc.core.io import csv_text
     from fedqc.data.site import site_cases

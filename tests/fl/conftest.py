@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from fedqc.fl.rounds import FederationError
 from fedqc.fl.settings import FederationSettings
 from fedqc.fl.simulation import SimulationConfig, run_simulation
+from tests.fl.toy import toy_nodes
 
-TOY = "tests.fl.toy:make_toy_site"
+# The toy site algorithm (tests/fl/toy.py, fault injection included) is test code, not shipped in
+# the package: the Flower child processes of these tests (Ray workers, flwr-clientapp) find it on
+# this PYTHONPATH, set only for the federation tests.
+_REPO = str(Path(__file__).resolve().parents[2])
+os.environ["PYTHONPATH"] = os.pathsep.join([_REPO, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                      if p and p != _REPO]])
 
 
 def toy_settings(**changes) -> FederationSettings:
     base = {"supervised_rounds": 2, "ae_rounds": 1, "refine_rounds": 2, "local_epochs": 2, "m_best": 2,
-            "min_sites": 2, "site_factory": TOY, "node_wait_s": 60, "round_timeout_s": 120,
+            "min_sites": 2, "node_wait_s": 60, "round_timeout_s": 120,
             "site_run_config": {"lr": 0.1}}
     return FederationSettings(**{**base, **changes})
 
@@ -24,7 +33,7 @@ def fedprox_run(tmp_path_factory):
     sites = [{"site-id": "A", "seed": 1, "flag-below": 1.01}, {"site-id": "B", "seed": 2, "shift": 0.5},
              {"site-id": "C", "seed": 3, "shift": 1.5, "labelled": False}]
     settings = toy_settings(strategy="fedprox", proximal_mu=0.1, min_sites=3)
-    return run_simulation(SimulationConfig(sites=sites, federation=settings), tmp_path_factory.mktemp("fedprox"))
+    return run_simulation(SimulationConfig(sites=toy_nodes(sites), federation=settings), tmp_path_factory.mktemp("fedprox"))
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +45,7 @@ def audited_run(tmp_path_factory):
              {"site-id": "L", "seed": 4, "leak": True, "flag-below": -1.0}]
     settings = toy_settings(strategy="fedbn", transfer_dtype="bfloat16", ae_delivery="on-request",
                             audit_replies=True, refine_rounds=3, min_sites=3)
-    return run_simulation(SimulationConfig(sites=sites, federation=settings), tmp_path_factory.mktemp("fedbn"))
+    return run_simulation(SimulationConfig(sites=toy_nodes(sites), federation=settings), tmp_path_factory.mktemp("fedbn"))
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +55,7 @@ def failed_then_resumed_run(tmp_path_factory):
     sites = [{"site-id": "A", "seed": 1, "flag-below": 1.01}, {"site-id": "B", "seed": 2, "fail-task": "predict"}]
     settings = toy_settings(supervised_rounds=1, refine_rounds=1, m_best=1, audit_replies=True)
     with pytest.raises(FederationError) as failure:
-        run_simulation(SimulationConfig(sites=sites, federation=settings), run_dir)
+        run_simulation(SimulationConfig(sites=toy_nodes(sites), federation=settings), run_dir)
     fixed = [sites[0], {"site-id": "B", "seed": 2}]
-    run_simulation(SimulationConfig(sites=fixed, federation=settings), run_dir, resume=True)
+    run_simulation(SimulationConfig(sites=toy_nodes(fixed), federation=settings), run_dir, resume=True)
     return run_dir, str(failure.value)

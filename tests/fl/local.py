@@ -1,7 +1,7 @@
 """A whole federation on this machine's loopback: one SuperLink and N SuperNodes, real processes.
 
-Used by the deployment tests and by the self-test (``python -m fedqc.fl.launch --selftest
-[--tls] [--auth]``), which proves the plumbing with the toy site algorithm: one round per phase,
+Test harness, not shipped in the package. Used by the deployment tests and by the self-test
+(``python -m tests.fl.local --selftest [--tls] [--auth]`` from the repository root), which proves the plumbing with the toy site algorithm: one round per phase,
 then every process is stopped and the ports are checked free.
 """
 
@@ -19,8 +19,7 @@ from pathlib import Path
 from fedqc.fl import appdir, certs, processes, run_state
 from fedqc.fl.launch import Echo, SuperLink, SuperNode
 from fedqc.fl.settings import ClientSettings, FederationSettings, Scalar, ServerSettings
-
-TOY_FACTORY = "tests.fl.toy:make_toy_site"
+from tests.fl.toy import ALGORITHM
 
 
 @dataclass
@@ -48,14 +47,14 @@ class LocalRun:
 
 def toy_sites(count: int = 2) -> list[dict[str, Scalar]]:
     """Node configs of ``count`` toy sites; the last one is unlabelled when there are three or more."""
-    return [{"site-id": f"site{i}", "seed": i + 1, "shift": 0.5 * i, "flag-below": 0.99,
+    return [{"site-algorithm": ALGORITHM, "site-id": f"site{i}", "seed": i + 1, "shift": 0.5 * i, "flag-below": 0.99,
              "labelled": not (count >= 3 and i == count - 1)} for i in range(count)]
 
 
 def one_round_each(**changes: object) -> FederationSettings:
     """Toy protocol settings with one round per phase."""
     base = {"supervised_rounds": 1, "ae_rounds": 1, "refine_rounds": 1, "local_epochs": 2, "m_best": 1,
-            "site_factory": TOY_FACTORY, "node_wait_s": 120, "round_timeout_s": 300}
+            "node_wait_s": 120, "round_timeout_s": 300}
     return FederationSettings(**{**base, **changes})
 
 
@@ -119,7 +118,7 @@ def run_local_federation(run_dir: Path, sites: Sequence[Mapping[str, Scalar]], f
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The self-test: a toy federation on loopback, one round per phase; 0 when it completed cleanly."""
-    parser = argparse.ArgumentParser(prog="python -m fedqc.fl.launch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.fl.local", description=__doc__)
     parser.add_argument("--selftest", action="store_true", required=True)
     parser.add_argument("--tls", action="store_true", help="TLS with certificates generated for the test")
     parser.add_argument("--auth", action="store_true", help="SuperNode authentication (implies --tls)")
@@ -137,3 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ok = run.status.get("status") == "finished:completed" and not leftovers and not busy
     return 0 if ok else 1
 
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,7 @@ import pytest
 from fedqc.fl import run_state
 from fedqc.fl.simulation import SimulationConfig, run_simulation
 from tests.fl.conftest import toy_settings
+from tests.fl.toy import toy_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ def test_poisoned_and_broken_updates_are_rejected_and_never_reach_the_global_mod
     sites = [{"site-id": s, "seed": i + 1, "shift": 0.2 * i} for i, s in enumerate("ABC")]
     sites += [{"site-id": "P", "seed": 7, "poison": "scale"}, {"site-id": "N", "seed": 8, "poison": "nan"}]
     settings = toy_settings(min_sites=5, supervised_rounds=2, refine_rounds=1, norm_factor=10.0)
-    run_dir = run_simulation(SimulationConfig(sites=sites, federation=settings), tmp_path / "run")
+    run_dir = run_simulation(SimulationConfig(sites=toy_nodes(sites), federation=settings), tmp_path / "run")
     rows = [r for r in json.loads((run_dir / "log.json").read_text()) if r["phase"] == "supervised"]
     assert len(rows) == 2
     for row in rows:

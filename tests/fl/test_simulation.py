@@ -10,6 +10,7 @@ import pytest
 from fedqc.fl import run_state
 from fedqc.fl.rounds import FederationError
 from fedqc.fl.simulation import SimulationConfig, run_simulation
+from tests.fl.toy import toy_nodes
 
 from .conftest import toy_settings
 
@@ -59,8 +60,17 @@ def test_fedbn_keeps_normalisation_layers_out_of_the_global_model(audited_run):
     final = run_state.load_arrays(run_state.current_global(audited_run))
     np.testing.assert_array_equal(final["m0/seg/SA/bn.weight"], np.ones(4, np.float32))
     np.testing.assert_array_equal(final["m0/seg/SA/bn.running_mean"], np.zeros(4, np.float32))
-    before = run_state.load_arrays(run_state.checkpoint_path(audited_run, "supervised-001"))
-    assert not np.allclose(final["m1/seg/SA/conv.weight"], np.zeros_like(before["seg/SA/conv.weight"]))
+    # The shared layers were trained and averaged: supervised round 2 moved the conv weights away from
+    # its input (round 1's global model), the BatchNorm ones stayed out, and the candidates are those
+    # trained rounds (nothing was flagged, so refinement left them as they were).
+    first, second = (run_state.load_arrays(run_state.supervised_checkpoint(audited_run, r)) for r in (1, 2))
+    assert not np.allclose(second["seg/SA/conv.weight"], first["seg/SA/conv.weight"])
+    np.testing.assert_array_equal(second["seg/SA/bn.weight"], first["seg/SA/bn.weight"])
+    best = json.loads((audited_run / run_state.SUMMARY).read_text())["m_best"]
+    assert sorted(best) == [1, 2]
+    for i, round_ in enumerate(best):
+        trained = run_state.load_arrays(run_state.supervised_checkpoint(audited_run, round_))
+        np.testing.assert_array_equal(final[f"m{i}/seg/SA/conv.weight"], trained["seg/SA/conv.weight"])
 
 
 def test_autoencoder_sent_once_per_site_on_request_and_refinement_stops_without_flags(audited_run):
@@ -92,4 +102,4 @@ def test_too_few_sites_fail_fast_with_a_clear_message(tmp_path):
     sites = [{"site-id": "A", "seed": 1}, {"site-id": "B", "seed": 2}]
     settings = toy_settings(min_sites=3, node_wait_s=3)
     with pytest.raises(FederationError, match=r"only 2 of the 3 required sites connected within 3 s"):
-        run_simulation(SimulationConfig(sites=sites, federation=settings), tmp_path)
+        run_simulation(SimulationConfig(sites=toy_nodes(sites), federation=settings), tmp_path)

@@ -18,8 +18,7 @@ from fedqc.fl.rounds import (
 )
 from fedqc.fl.settings import DEFAULT_NORM_PATTERN
 from fedqc.site.contract import ConfigKey, MetricKey, Task, candidate_prefix
-
-FACTORY = "tests.fl.toy:make_toy_site"
+from tests.fl.toy import ALGORITHM
 
 
 @pytest.fixture(autouse=True)
@@ -29,9 +28,9 @@ def _task_identity():
 
 
 def _context(tmp_path, node_id: int = 11, **node) -> Context:
-    node_config = {"site-id": "A", "seed": 1, "work-dir": str(tmp_path / "site"), **node}
+    node_config = {"site-algorithm": ALGORITHM, "site-id": "A", "seed": 1, "work-dir": str(tmp_path / "site"), **node}
     return Context(run_id=7, node_id=node_id, node_config=node_config, state=RecordDict(),
-                   run_config={appdir.SITE_FACTORY: FACTORY, "site.lr": 0.1})
+                   run_config={"site.lr": 0.1})
 
 
 def _send(context: Context, task: str, weights=None, ae=None, **config) -> Message:

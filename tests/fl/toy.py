@@ -41,6 +41,12 @@ from fedqc.site.contract import (
 )
 
 SEG, AE = "seg/SA/", "ae/SA/"
+ALGORITHM = "tests.fl.toy:make_toy_site"  # what a toy site's own node config names (site-algorithm)
+
+
+def toy_nodes(sites):
+    """Node configs of toy sites: each names this module as its own site algorithm."""
+    return [{"site-algorithm": ALGORITHM, **site} for site in sites]
 SIZE = 16
 
 

@@ -75,11 +75,6 @@ def smooth_max(a: FloatArray, b: FloatArray, k_mm: float) -> FloatArray:
     return np.maximum(a, b) + h * h / (4.0 * k)
 
 
-def smooth_min(a: FloatArray, b: FloatArray, k_mm: float) -> FloatArray:
-    """Union of two SDFs with the junction filled in over about ``k_mm``."""
-    return -smooth_max(-a, -b, k_mm)
-
-
 def random_waves(rng: np.random.Generator, count: int, wavelength_mm: tuple[float, float],
                  amplitude: float) -> np.ndarray:
     """Random plane waves for :func:`wave_field`: rows ``(kx, ky, kz, phase, amplitude)``.
