@@ -117,14 +117,15 @@ class Protocol:
         given = bool(self.settings.initial_weights)
         if given:
             self.weights = run_state.load_arrays(Path(self.settings.initial_weights))
-        outcome = self._exchange(INIT, {ConfigKey.LOCAL_EPOCHS.value: 0}, None,
+        init = {ConfigKey.LOCAL_EPOCHS.value: 0, ConfigKey.SEED.value: self.settings.seed}
+        outcome = self._exchange(INIT, init, None,
                                  per_node={} if given else {first: {INIT_WEIGHTS: True}})
         extra: dict[str, Any] = {"initial_weights": self.settings.initial_weights or None}
         if not given:
             answer = next((a for a in outcome.answers if a.node_id == first and a.weights), None)
             if answer is None and outcome.answers:  # the chosen site missed INIT: ask one that answered
                 other = outcome.answers[0].node_id
-                again = self.sites.run(INIT, {ConfigKey.LOCAL_EPOCHS.value: 0}, None, nodes=[other], min_answers=1,
+                again = self.sites.run(INIT, init, None, nodes=[other], min_answers=1,
                                        per_node={other: {INIT_WEIGHTS: True}})
                 answer = next((a for a in again.answers if a.weights), None)
             if answer is None:

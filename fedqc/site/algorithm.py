@@ -82,7 +82,8 @@ class FedqcSite(SiteState):
         epochs = int(config.get(ConfigKey.LOCAL_EPOCHS, 1))
         task = Task(task)
         if weights is None and epochs == 0 and task in (Task.SUPERVISED, Task.QC_AUTOENCODER):
-            return SiteReply(weights=site_tasks.initial_weights(self, task, int(config.get(ConfigKey.SEED, 0))))
+            seed = int(config.get(ConfigKey.SEED, self.config.train.seed))  # the seed fedqc train would use
+            return SiteReply(weights=site_tasks.initial_weights(self, task, seed))
         handler = {Task.SUPERVISED: site_tasks.supervised, Task.QC_AUTOENCODER: site_tasks.autoencoder,
                    Task.EVALUATE: site_tasks.evaluate, Task.REFINE: site_tasks.refine,
                    Task.PREDICT: site_tasks.predict}[task]

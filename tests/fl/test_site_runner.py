@@ -125,3 +125,25 @@ def test_simulation_node_config_by_partition_id(tmp_path):
 def test_init_without_the_weights_request_only_introduces_the_site(tmp_path):
     reply = _send(_context(tmp_path, node_id=19), INIT, **{ConfigKey.LOCAL_EPOCHS.value: 0})
     assert set(reply.content) == {records.METRICS, records.CONTROL}
+
+
+def test_a_run_config_that_names_site_code_is_refused(tmp_path):
+    """The hospital pins its code: a coordinator naming a site factory gets an error reply, nothing runs."""
+    context = _context(tmp_path, node_id=31)
+    context.run_config["site-factory"] = "evil.module:steal"
+    reply = _send(context, "supervised")
+    assert reply.has_error()
+    assert "SiteCodeRefused" in reply.error.reason
+    assert not (tmp_path / "site").exists() or not any((tmp_path / "site").iterdir())
+
+
+def test_the_site_algorithm_comes_from_the_sites_own_node_config():
+    from fedqc.site.algorithm import SiteCodeRefused, make_site_algo, site_factory
+    from tests.fl.toy import make_toy_site
+
+    assert site_factory({}, {}) is make_site_algo  # the default: fedqc's own method
+    assert site_factory({"site-algorithm": ALGORITHM}, {}) is make_toy_site
+    with pytest.raises(SiteCodeRefused, match="site-algorithm"):
+        site_factory({"site-algorithm": "no-colon"}, {})
+    with pytest.raises(SiteCodeRefused, match="coordinator's run config names site code"):
+        site_factory({}, {"site.site-algorithm": "tests.fl.toy:make_toy_site"})
