@@ -5,13 +5,13 @@ fedqc's simulator (docs/SIMULATOR.md) writes two data sets from one preset: a la
 supervised term) and the site, the preset's first shifted, unlabelled centre (``--subjects``). Then, per
 view, fedqc's real stages run on the site's unlabelled pool:
 
-    data prep (read, preprocess, cache: cold by default)  ->  fences (fedqc.method.fit_thresholds)
-    ->  refinement (fedqc.method.refine: OoD scoring, then K_semi epochs of refine_epoch, each followed
+    data prep (read, preprocess, cache: cold by default)  ->  fences (fedqc.qc.fences.fit_fences)
+    ->  refinement (fedqc.train.stages.refine: OoD scoring, then K_semi epochs of refine_epoch, each followed
         by re-scoring, stopping early when nothing is flagged)  ->  selection (predict_case per case)
 
 with a segmenter (m_best candidates) and QC autoencoder trained for a few epochs only (the point is
 timing; their training is reported but not part of the site's time). Scoring and refinement epochs
-inside ``refine`` are timed by wrapping ``fedqc.method.score_cases`` / ``refine_epoch``. Optionally
+inside ``refine`` are timed by wrapping ``fedqc.train.stages.score_cases`` / ``refine_epoch``. Optionally
 (on by default) one refinement epoch (``refine_epoch``) is compared with a bare PyTorch loop of the same
 model, batches and loss (no shuffling, clipping or bookkeeping), best of 2 interleaved runs.
 
@@ -38,7 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedqc import method
+from fedqc.models.factory import segmenters_from_states
+from fedqc.predict.case import predict_case
+from fedqc.qc.fences import fit_fences
+from fedqc.train import stages as method
 
 
 def simulate(data: Path, preset: str, n_site: int, n_labelled: int, seed: int) -> float:
@@ -77,7 +80,7 @@ class Clock:
         return timed
 
 
-CLOCK = Clock()  # fedqc.method's scoring pass and refinement epochs, wrapped once in main()
+CLOCK = Clock()  # fedqc.train.stages's scoring pass and refinement epochs, wrapped once in main()
 
 
 def bare_refine_epoch(model, ae, flagged, images_l, labels_l, alpha, batch, opt, weights) -> None:
@@ -163,7 +166,7 @@ def run_view(config, view, data: Path, device, args) -> tuple[dict, dict | None]
                labelled_train_slices=int(sum(len(c.images) for c in lab.train)))
     start = time.perf_counter()
     trained = method.train_supervised(config, lab.train, lab.val, device, progress=None)
-    models = method.models_from_states(config, trained.candidate_states, device)
+    models = segmenters_from_states(config, trained.candidate_states, device)
     ae = new_autoencoder(config)
     ae.load_state_dict(trained.autoencoder_state)
     ae = ae.to(device).eval()
@@ -171,11 +174,11 @@ def run_view(config, view, data: Path, device, args) -> tuple[dict, dict | None]
     start, th, row["fence_source"] = time.perf_counter(), None, config.qc.threshold_source
     if row["fence_source"] == "labelled-val":
         try:
-            th = method.fit_thresholds(config, models, ae, lab.val, "labelled-val", device)
+            th = fit_fences(config, models, ae, lab.val, "labelled-val", device)
         except ThresholdFitError:  # too few labelled validation cases: the site's own pool
             row["fence_source"] = "unlabelled (too few labelled-val cases)"
     if th is None:
-        th = method.fit_thresholds(config, models, ae, pool, "unlabelled", device)
+        th = fit_fences(config, models, ae, pool, "unlabelled", device)
     row["fences_s"] = time.perf_counter() - start
     seconds, calls = dict(CLOCK.seconds), dict(CLOCK.calls)
     start = time.perf_counter()
@@ -187,7 +190,7 @@ def run_view(config, view, data: Path, device, args) -> tuple[dict, dict | None]
                flagged_initial=log.flagged_initial.get("site", 0), flagged_final=log.flagged_final.get("site", 0),
                flagged_cases_per_epoch=[e["flagged_before"] for e in log.epochs])
     start = time.perf_counter()
-    n_ood = sum(method.predict_case(config, refined, ae, case, th, device).ood for case in pool)
+    n_ood = sum(predict_case(config, refined, ae, case, th, device).ood for case in pool)
     row.update(selection_s=time.perf_counter() - start, ood_after=int(n_ood))
     row["site_total_s"] = row["prep_s"] + row["fences_s"] + row["refine_s"] + row["selection_s"]
     if row["epochs_run"]:  # one epoch = refine_epoch for every candidate + re-scoring the pool

@@ -34,3 +34,39 @@ def test_summary_means_per_site_and_variant():
     rows = {r["variant"]: r for r in summarise_variants(records)}
     assert rows["M"]["rv_dice"] == pytest.approx(0.7) and rows["M"]["flagged"] == 1 and rows["M"]["n"] == 2
     assert rows["full"]["rv_hd_mm"] == pytest.approx(1.0)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_report_from_the_stored_results_reproduces_the_stored_tables(tmp_path):
+    """`fedqc ablation --report-from docs/results` rebuilds docs/results/ablation_tables.md exactly."""
+    from fedqc.cli.main import main
+
+    out = tmp_path / "report"
+    assert main(["ablation", "--config", str(REPO / "configs" / "ablation.yaml"), "--out", str(out),
+                 "--report-from", str(REPO / "docs" / "results")]) == 0
+    assert (out / "ablation.md").read_text() == (REPO / "docs" / "results" / "ablation_tables.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_ablation_runs_every_variant_on_a_tiny_consortium(tiny_data, tmp_path):
+    import json
+
+    import yaml
+
+    from fedqc.cli.main import main
+    from tests.conftest import tiny_config_dict
+
+    config = tmp_path / "ablation.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, views=["SA"], refine={"k_semi": 1},
+                                                      qc={"tukey_factor": 0.0})))
+    out = tmp_path / "out"
+    assert main(["ablation", "--config", str(config), "--out", str(out), "--seeds", "0"]) == 0
+    entry = json.loads((out / "seed0_SA.json").read_text())
+    variants = {(r["site"], r["variant"]) for r in entry["summary"]}
+    assert {("centre2", "M"), ("centre2", "{M}+QC"), ("centre2", "full")} <= variants
+    assert entry["upper_bound"] and entry["transductive"]["summary"]
+    assert set(entry["fence_eval"]["centre2"]) == {"labelled-val", "unlabelled"}
+    report = (out / "ablation.md").read_text()
+    assert "| SA | centre2 | no |" in report
