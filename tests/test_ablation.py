@@ -67,6 +67,7 @@ def test_the_ablation_runs_every_variant_on_a_tiny_consortium(tiny_data, tmp_pat
     variants = {(r["site"], r["variant"]) for r in entry["summary"]}
     assert {("centre2", "M"), ("centre2", "{M}+QC"), ("centre2", "full")} <= variants
     assert entry["upper_bound"] and entry["transductive"]["summary"]
-    assert set(entry["fence_eval"]["centre2"]) == {"labelled-val", "unlabelled"}
+    assert set(entry["fence_eval"]["centre2"]) == {"consortium", "unlabelled"}
+    assert {("centre2", "M+sup"), ("centre2", "{M+sup}+QC")} <= variants
     report = (out / "ablation.md").read_text()
     assert "| SA | centre2 | no |" in report

@@ -100,3 +100,16 @@ def test_selection_holds_exactly_one_outcome():
         Selection(index=1, fallback_pair=(0, 1))
     with pytest.raises(ValueError):
         Selection(index=None)
+
+
+def test_guarded_selection_keeps_a_passing_m_unless_another_is_clearly_better():
+    import numpy as np
+
+    from fedqc.qc.selection import select_candidate
+
+    pdc, phd = np.array([0.80, 0.83, 0.70]), np.array([5.0, 4.0, 6.0])
+    assert select_candidate(pdc, phd, 10.0).index == 1  # the paper: best pDC
+    assert select_candidate(pdc, phd, 10.0, th_low_pdc=0.5, margin=0.05).index == 0  # within the margin
+    assert select_candidate(pdc, phd, 10.0, th_low_pdc=0.5, margin=0.02).index == 1  # clearly better
+    failing = np.array([0.40, 0.83, 0.70])
+    assert select_candidate(failing, phd, 10.0, th_low_pdc=0.5, margin=0.5).index == 1  # M fails the fences

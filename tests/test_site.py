@@ -65,12 +65,16 @@ def test_every_task_end_to_end(sites):
     predict = [a.run(Task.PREDICT, candidates, {"num-candidates": 2}) for a in algos]
     assert predict[1].metrics["num-cases"] == 16
     assert len(list((work / "centre2" / "predictions").glob("*_pred.nii.gz"))) == 16
-    for reply in replies + refine + predict:
-        assert set(reply.metrics) <= ALLOWED_METRIC_KEYS
-        assert all(isinstance(v, (int, float, bool)) for v in reply.metrics.values())
-        for name, array in (reply.weights or {}).items():
-            assert name.split("/")[0] in ("seg", "ae") or name.startswith("m")
-            assert isinstance(array, np.ndarray) and array.dtype.kind == "f"
+    sent = [(replies, weights), (refine, candidates), (predict, {})]
+    for answers, received in sent:
+        for reply in answers:
+            assert set(reply.metrics) <= ALLOWED_METRIC_KEYS
+            assert all(isinstance(v, (int, float, bool)) for v in reply.metrics.values())
+            # Exactly the arrays the task was sent (the frozen autoencoder never comes back), same shapes.
+            assert set(reply.weights or {}) <= set(received) and not any(n.startswith("ae/") for n in reply.weights or {})
+            for name, array in (reply.weights or {}).items():
+                assert isinstance(array, np.ndarray) and array.dtype.kind == "f" and array.shape == received[name].shape
+    assert set(refine[0].weights) == set(candidates)  # every candidate refined and returned
 
 
 def test_a_config_reaches_the_site_unchanged(tiny_data):

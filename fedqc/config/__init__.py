@@ -113,14 +113,28 @@ class QCConfig:
     ae_lr: float = 2e-4
     ae_latent_channels: int = 100
     ae_dropout: float = 0.1
+    # plain: the paper's R, trained to reproduce ground-truth masks; corrective: trained to repair
+    # corrupted ones (fedqc.train.corrupt), a better pseudo-label on bad predictions (docs/QC.md).
+    autoencoder: Literal["plain", "corrective"] = "corrective"
+    # QC-based selection: the paper's, or guarded (M kept while it passes the fences unless another
+    # candidate's pDC is better by more than selection_margin; fedqc.qc.selection).
+    selection: Literal["paper", "guarded"] = "guarded"
+    selection_margin: float = 0.05
     classes: Literal["rv", "foreground"] = "rv"
     hausdorff: Literal["max", "p95"] = "max"
     tukey_factor: float = 1.5
-    threshold_source: Literal["labelled-val", "unlabelled"] = "labelled-val"
+    # consortium: fences from the labelled sites' validation cases (in-distribution behaviour; in the
+    # federation pooled from per-site quartiles, docs/FEDERATION.md); unlabelled: each site's own pool
+    # (the paper's). "labelled-val" is the old name of consortium.
+    threshold_source: Literal["consortium", "unlabelled", "labelled-val"] = "consortium"
 
     def __post_init__(self) -> None:
         if not self.tukey_factor >= 0:
             raise ValueError("qc.tukey_factor must be >= 0 (1.5 in the paper)")
+        if self.threshold_source == "labelled-val":
+            object.__setattr__(self, "threshold_source", "consortium")
+        if not self.selection_margin >= 0:
+            raise ValueError("qc.selection_margin must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,12 @@ class RefineConfig:
     lr: float = 2e-4
     batch_size: int = 16
     largest_component: bool = False
+    # Eq. 2's pseudo-label only where R is confident (its largest class probability >= this); 0: all pixels.
+    pseudo_label_confidence: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.pseudo_label_confidence < 1.0:
+            raise ValueError("refine.pseudo_label_confidence must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -148,6 +168,9 @@ class FederationConfig:
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
     trim_fraction: float = 0.2
     norm_factor: float = 10.0
+    # The compute-matched control M+sup (refinement's supervised share alone, as many rounds) for the
+    # report; `fedqc simulate` always runs it, a deployment only when asked.
+    control: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.trim_fraction < 0.5:

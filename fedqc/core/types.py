@@ -38,3 +38,7 @@ def candidate_prefix(index: int) -> str:
     QC_AUTOENCODER weights ``ae/...`` only.
     """
     return f"m{index}/"
+
+
+# The compute-matched control's candidates in a federated run's final weights: ``ctl/m<i>/seg/...``.
+CONTROL_PREFIX = "ctl/"

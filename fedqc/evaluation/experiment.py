@@ -24,8 +24,8 @@ from fedqc.core.device import select_device
 from fedqc.core.io import write_json
 from fedqc.data.site import load_site_split
 from fedqc.evaluation.variants import (
-    BAD_DICE,
     calibration,
+    flag_quality,
     score_case_variants,
     summarise_variants,
 )
@@ -38,14 +38,9 @@ from fedqc.train.supervised import view_passes
 
 
 def _flag_quality(scores, th, true_dice: np.ndarray) -> dict:
-    """Precision / recall of a fence set at finding cases whose true RV Dice (under M) is below 0.8."""
-    flags = flag_ood(scores.pdc, scores.phd, th)
-    bad = true_dice < BAD_DICE
-    tp = int((flags & bad).sum())
-    return {"th_low_pdc": th.th_low_pdc, "th_up_phd": th.th_up_phd, "n": int(len(bad)), "n_bad": int(bad.sum()),
-            "n_flagged": int(flags.sum()), "true_positives": tp,
-            "precision": tp / int(flags.sum()) if flags.any() else None,
-            "recall": tp / int(bad.sum()) if bad.any() else None}
+    """:func:`flag_quality` of a fence set, with the fences."""
+    return {"th_low_pdc": th.th_low_pdc, "th_up_phd": th.th_up_phd,
+            **flag_quality(flag_ood(scores.pdc, scores.phd, th), true_dice)}
 
 
 def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, upper_bound: bool = True) -> dict:
@@ -70,16 +65,18 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
                                       unlabelled=lambda s=site: th_own[s], where=f"{site} {view}")
                   for site in pools}
         refined, log = refine(config, models, ae, pools, chosen, train, device)
+        control, _ = refine(config, models, ae, pools, chosen, train, device, progress=None, alpha_scale=0.0)
         records, fence_eval = [], {}
         for split in splits:
             th = chosen.get(split.site, th_val)
             for case in split.test:
                 records += score_case_variants(config, split.site, case, {
-                    "M": (models[:1], False), "{M}+QC": (models, True), "full": (refined, True)}, ae, th, device)
+                    "M": (models[:1], False), "{M}+QC": (models, True), "M+sup": (control[:1], False),
+                    "{M+sup}+QC": (control, True), "full": (refined, True)}, ae, th, device)
             if split.site in th_own and split.test:
                 true_dice = np.array([r.rv_dice for r in records if r.site == split.site and r.variant == "M"])
                 scores = score_cases(models, ae, split.test, config.qc, device)
-                fence_eval[split.site] = {"labelled-val": _flag_quality(scores, th_val, true_dice),
+                fence_eval[split.site] = {"consortium": _flag_quality(scores, th_val, true_dice),
                                           "unlabelled": _flag_quality(scores, th_own[split.site], true_dice)}
         entry = {"records": [dataclasses.asdict(r) for r in records], "summary": summarise_variants(records),
                  "calibration": calibration(records, "M"), "fence_eval": fence_eval, "refine_log": log.__dict__}

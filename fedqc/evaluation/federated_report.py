@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fedqc.config import Config
+from fedqc.core.types import CONTROL_PREFIX as CONTROL
 from fedqc.core.types import candidate_prefix
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 
@@ -39,30 +40,96 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
     from fedqc.qc.thresholds import Thresholds
 
     device = select_device(config.train.device)
-    records = []
+    records, signal = [], []
     for view in config.views:
         m = sum(1 for i in range(len(final)) if any(k.startswith(f"{candidate_prefix(i)}seg/{view}/") for k in final))
         refined = segmenters_from_states(config, [_state(final, f"{candidate_prefix(i)}seg/{view}/")
                                                   for i in range(m)], device)
         sup = segmenters_from_states(config, [_state(w, f"seg/{view}/") for w in supervised], device) or refined[:1]
         ae = frozen_autoencoder(config, _state(final, f"ae/{view}/"), device)
+        m_ctl = sum(1 for i in range(m) if any(k.startswith(f"{CONTROL}{candidate_prefix(i)}seg/{view}/") for k in final))
+        control = segmenters_from_states(config, [_state(final, f"{CONTROL}{candidate_prefix(i)}seg/{view}/")
+                                                  for i in range(m_ctl)], device)
         for site in config.sites:
-            fences = run_dir / "sites" / site.name / "thresholds" / f"{view}.json"
-            if not fences.is_file():
+            folder = run_dir / "sites" / site.name / "thresholds"
+            if not (folder / f"{view}.json").is_file():
                 continue
-            th = Thresholds.from_json(fences)
+            th = Thresholds.from_json(folder / f"{view}.json")
             split = load_site_split(site, view, config, progress=None)
+            variants = {"M": (sup[:1], False), "{M}+QC": (sup, True), "full": (refined, True)}
+            if control:
+                variants.update({"M+sup": (control[:1], False), "{M+sup}+QC": (control, True)})
+            site_records = []
             for case in split.test:
-                records += score_case_variants(config, site.name, case, {
-                    "M": (sup[:1], False), "{M}+QC": (sup, True), "full": (refined, True)}, ae, th, device)
+                site_records += score_case_variants(config, site.name, case, variants, ae, th, device)
+            records += site_records
+            if split.test:
+                signal.append(_qc_signal(config, site.name, view, split.test, site_records, sup, ae, th,
+                                         folder / f"{view}.own-pool.json", device))
             if progress:
                 progress(f"  report: scored {len(split.test)} {view} test cases of {site.name}")
     rows = summarise_variants(records)
-    write_json(run_dir / "report.json", {"summary": rows, "cases": [r.__dict__ for r in records]})
+    write_json(run_dir / "report.json", {"summary": rows, "qc_signal": signal, "cases": [r.__dict__ for r in records]})
     table = format_table(["view", "site", "variant", "n", "RV Dice", "RV HD mm", "RV Dice (LCC)", "RV HD mm (LCC)",
                           "flagged"],
                          [[r["view"], r["site"], r["variant"], r["n"], r["rv_dice"], round(r["rv_hd_mm"], 2),
                            r["rv_dice_lcc"], round(r["rv_hd_mm_lcc"], 2), r["flagged"]] for r in rows])
-    (run_dir / "report.md").write_text("# fedqc federated run: per-site ablation on held-out test subjects\n\n"
-                                       + table + "\n")
-    return table
+    qc_table = format_table(
+        ["view", "site", "fences", "flagged / cases", "bad (Dice<0.8)", "precision", "recall",
+         "own-pool fences: flagged", "own-pool precision", "own-pool recall", "flagged: prediction RV Dice",
+         "flagged: R output RV Dice"],
+        [[s["view"], s["site"], s["fences"], f"{s['flags']['n_flagged']}/{s['flags']['n']}", s["flags"]["n_bad"],
+          _fmt(s["flags"]["precision"]), _fmt(s["flags"]["recall"]),
+          "-" if s["own_pool"] is None else f"{s['own_pool']['n_flagged']}/{s['own_pool']['n']}",
+          _fmt(s["own_pool"] and s["own_pool"]["precision"]), _fmt(s["own_pool"] and s["own_pool"]["recall"]),
+          _fmt(s["flagged_pred_rv_dice"]), _fmt(s["flagged_recon_rv_dice"])] for s in signal])
+    gains = _gains(rows)
+    text = ("# fedqc federated run: per-site ablation on held-out test subjects\n\n" + table +
+            "\n\n## The QC signal on the held-out test cases\n\nFlags of the m_best supervised candidates under "
+            "the fences each site used (bad: true RV Dice of M below 0.8), beside the fences its own pool would "
+            "give; on flagged cases, the prediction's RV Dice against that of R's output of it (network grid).\n\n"
+            + qc_table + "\n")
+    if gains:
+        text += ("\n## Gain over the compute-matched control\n\n`{M+sup}+QC`: the same candidates given "
+                 "refinement's supervised share alone, as many rounds (`full - {M+sup}+QC` is what QC brings).\n\n"
+                 + format_table(["view", "site", "M", "{M+sup}+QC", "full", "full - {M+sup}+QC", "full - M"], gains)
+                 + "\n")
+    (run_dir / "report.md").write_text(text)
+    return table + "\n\n" + qc_table + ("\n\n" + format_table(
+        ["view", "site", "M", "{M+sup}+QC", "full", "full - {M+sup}+QC", "full - M"], gains) if gains else "")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}"
+
+
+def _qc_signal(config, site, view, cases, site_records, sup, ae, fences, own_pool_path, device) -> dict:
+    """Flag quality under the fences used and under the site's own-pool fences; pseudo-label quality."""
+    from fedqc.evaluation.variants import flag_quality
+    from fedqc.qc.ood import flag_ood
+    from fedqc.qc.scoring import score_cases
+    from fedqc.qc.thresholds import Thresholds
+
+    by_variant = {v: [r for r in site_records if r.variant == v] for v in ("M", "{M}+QC")}
+    true_dice = np.array([r.rv_dice for r in by_variant["M"]])
+    flags = np.array([r.ood for r in by_variant["{M}+QC"]])
+    own = None
+    if own_pool_path.is_file():
+        scores = score_cases(sup, ae, cases, config.qc, device)
+        own = flag_quality(flag_ood(scores.pdc, scores.phd, Thresholds.from_json(own_pool_path)), true_dice)
+    flagged = [r for r in by_variant["{M}+QC"] if r.ood]
+    mean = (lambda xs: float(np.nanmean(xs)) if len(xs) else None)  # noqa: E731
+    return {"view": view, "site": site, "fences": fences.source, "th_low_pdc": fences.th_low_pdc,
+            "th_up_phd": fences.th_up_phd, "flags": flag_quality(flags, true_dice), "own_pool": own,
+            "flagged_pred_rv_dice": mean([r.pred_rv_dice_grid for r in flagged]),
+            "flagged_recon_rv_dice": mean([r.recon_rv_dice_grid for r in flagged])}
+
+
+def _gains(rows: Sequence[Mapping]) -> list[list]:
+    by = {(r["view"], r["site"], r["variant"]): r["rv_dice"] for r in rows}
+    out = []
+    for view, site in sorted({(r["view"], r["site"]) for r in rows}):
+        m, ctl, full = (by.get((view, site, v)) for v in ("M", "{M+sup}+QC", "full"))
+        if ctl is not None and full is not None:
+            out.append([view, site, m, ctl, full, round(full - ctl, 3), round(full - m, 3)])
+    return out

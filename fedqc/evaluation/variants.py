@@ -29,7 +29,9 @@ from fedqc.predict.postprocess import largest_component_per_structure
 from fedqc.qc.metrics import dice as dice_fn
 from fedqc.qc.thresholds import Thresholds
 
-VARIANTS = ("M", "{M}+QC", "full")
+# M+sup / {M+sup}+QC: the compute-matched control, refinement's supervised share without the
+# QC-driven part (fedqc.fl.protocol's control phase): the gain QC brings is full - {M+sup}+QC.
+VARIANTS = ("M", "{M}+QC", "M+sup", "{M+sup}+QC", "full")
 BAD_DICE = 0.8
 
 
@@ -129,3 +131,12 @@ def auroc(score: np.ndarray, positive: np.ndarray) -> float:
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def flag_quality(flags: np.ndarray, true_dice: np.ndarray) -> dict:
+    """Precision / recall of OoD flags at finding cases whose true RV Dice (under M) is below 0.8."""
+    flags, bad = np.asarray(flags, dtype=bool), np.asarray(true_dice) < BAD_DICE
+    tp = int((flags & bad).sum())
+    return {"n": int(len(bad)), "n_bad": int(bad.sum()), "n_flagged": int(flags.sum()), "true_positives": tp,
+            "precision": tp / int(flags.sum()) if flags.any() else None,
+            "recall": tp / int(bad.sum()) if bad.any() else None}

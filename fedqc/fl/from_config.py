@@ -35,7 +35,8 @@ def site_run_config(config: Config) -> dict[str, Scalar]:
     return flatten(data)
 
 
-def federation_settings(config: Config, audit: bool = False) -> FederationSettings:
+def federation_settings(config: Config, audit: bool = False, control: bool | None = None) -> FederationSettings:
+    """The protocol of ``config``; ``control`` (default ``federation.control``) adds the M+sup rounds."""
     fed = config.federation
     return FederationSettings(
         supervised_rounds=fed.supervised_rounds, ae_rounds=fed.ae_rounds, refine_rounds=config.refine.k_semi,
@@ -46,4 +47,6 @@ def federation_settings(config: Config, audit: bool = False) -> FederationSettin
         transfer_dtype="bfloat16" if fed.half_precision_transfer else "float32",
         refine_aggregation=fed.refine_aggregation, aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,
         norm_factor=fed.norm_factor,
+        fence_source=config.qc.threshold_source, tukey_factor=config.qc.tukey_factor,
+        control=fed.control if control is None else control,
         seed=config.train.seed, site_run_config=site_run_config(config), audit_replies=audit)

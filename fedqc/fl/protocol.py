@@ -7,9 +7,15 @@
    replies score global round r-1 at no extra exchange; one Task.EVALUATE scores the last round.
    The m_best rounds by weighted-mean VAL_DICE become the candidates ``m0/...``, ``m1/...``.
 3. ``qc-autoencoder``: rounds of Task.QC_AUTOENCODER on ``ae/...``; the result is frozen.
-4. ``refine``: up to K_semi rounds of Task.REFINE on the candidates with alpha per round; stops
+4. ``fences`` (``fence_source: consortium``): one Task.FENCES; the labelled sites' quartiles of
+   pDC / pHD on their validation cases are pooled into the consortium's fences, sent to every
+   site with REFINE and PREDICT (``consortium-fences``).
+5. ``refine``: up to K_semi rounds of Task.REFINE on the candidates with alpha per round; stops
    after a round in which no site reports NUM_FLAGGED > 0.
-5. ``predict``: one Task.PREDICT; sites write predictions and QC reports locally.
+6. ``control`` (``control``): as many rounds of the compute-matched control M+sup (REFINE with
+   ``control``: the labelled sites' supervised share only) from the supervised candidates,
+   kept as ``ctl/m<i>/...`` for the report.
+7. ``predict``: one Task.PREDICT; sites write predictions and QC reports locally.
 
 State, global weights and the round log are written atomically after every round
 (:mod:`fedqc.fl.run_state`); ``resume`` continues from the last completed round.
@@ -17,6 +23,8 @@ State, global weights and the round log are written atomically after every round
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -28,6 +36,7 @@ import numpy as np
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedqc.core.types import CONTROL_PREFIX, VIEWS
 from fedqc.fl import run_state
 from fedqc.fl.aggregation import (
     BestRounds,
@@ -49,6 +58,7 @@ from fedqc.fl.rounds import (
     num_examples,
 )
 from fedqc.fl.settings import FederationSettings
+from fedqc.qc.thresholds import QUARTILES, ThresholdFitError, pooled_fences
 from fedqc.site.contract import (
     ConfigKey,
     MetricKey,
@@ -56,10 +66,12 @@ from fedqc.site.contract import (
     Task,
     Weights,
     candidate_prefix,
+    fence_metric_key,
 )
 
-PHASES = ("init", "supervised", "qc-autoencoder", "refine", "predict", "done")
+PHASES = ("init", "supervised", "qc-autoencoder", "fences", "refine", "control", "predict", "done")
 AE = "ae/"
+CONTROL, STASH = CONTROL_PREFIX, "ref/"  # control candidates; refined candidates while the control runs
 CANDIDATE = re.compile(r"^m\d+/")
 
 
@@ -86,16 +98,18 @@ class Protocol:
             self.log_rows: list[dict] = [row for row in run_state.read_json(self.run_dir / run_state.LOG)
                                          if row["server_round"] <= self.server_round]
             self.weights = run_state.load_arrays(self.run_dir / state["weights"])
+            self.fences = state.get("fences") or {}
             log(INFO, "resuming %s at phase %s after round %d", run_dir, self.phase, self.phase_round)
         else:
             self.phase, self.phase_round, self.server_round = "init", 0, 0
             self.best, self.log_rows, self.weights = BestRounds(settings.m_best), [], {}
+            self.fences: dict[str, dict] = {}
 
     def run(self) -> dict[str, Any]:
         """Run every remaining phase; returns the summary also written to ``RUN/summary.json``."""
         started = time.monotonic()
         steps = {"init": self._init, "supervised": self._supervised, "qc-autoencoder": self._qc_autoencoder,
-                 "refine": self._refine, "predict": self._predict}
+                 "fences": self._fences, "refine": self._refine, "control": self._control, "predict": self._predict}
         while self.phase != "done":
             try:
                 steps[self.phase]()
@@ -161,12 +175,38 @@ class Protocol:
             outcome = self._exchange(Task.QC_AUTOENCODER, config, select(self.weights, AE))
             self._record("qc-autoencoder", r, outcome, self._aggregate(outcome))
 
+    def _fences(self) -> None:
+        """The consortium's fences, pooled from the labelled sites' quartiles (scalars only)."""
+        if self.settings.fence_source != "consortium":
+            return
+        config = self._base_config(Task.FENCES, 1)
+        config[ConfigKey.NUM_CANDIDATES.value] = self._num_candidates()
+        outcome = self._exchange(Task.FENCES, config, self._candidates(), ae=select(self.weights, AE))
+        self.fences = {}
+        for view in VIEWS:
+            per_site = [{stat: float(a.metrics[fence_metric_key(view, stat)]) for stat in ("n", *QUARTILES)}
+                        for a in outcome.answers if fence_metric_key(view, "n") in a.metrics]
+            if not per_site:
+                continue
+            try:
+                self.fences[view] = dataclasses.asdict(pooled_fences(per_site, self.settings.tukey_factor))
+            except ThresholdFitError as exc:
+                log(WARNING, "no consortium fences for %s: %s; sites fall back to their own pools", view, exc)
+        log(INFO, "consortium fences: %s", {v: (round(f["th_low_pdc"], 3), round(f["th_up_phd"], 1))
+                                             for v, f in self.fences.items()})
+        self._record("fences", 1, outcome, {"fences": self.fences})
+
+    def _with_fences(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        if self.fences:
+            config[ConfigKey.CONSORTIUM_FENCES.value] = json.dumps(self.fences)
+        return config
+
     def _refine(self) -> None:
         last = self.log_rows[-1] if self.log_rows else {}
         if last.get("phase") == "refine" and not any(last["num_flagged"].values()):
             return  # resumed after the round that ended refinement
         for k in range(self.phase_round + 1, self.settings.refine_rounds + 1):
-            config = self._train_config(Task.REFINE, k)
+            config = self._with_fences(self._train_config(Task.REFINE, k))
             config[ConfigKey.ALPHA.value] = self.settings.alpha_at(k)
             outcome = self._exchange(Task.REFINE, config, self._candidates(), ae=select(self.weights, AE))
             flagged = {a.site: int(a.metrics.get(MetricKey.NUM_FLAGGED.value, 0)) for a in outcome.answers}
@@ -181,10 +221,37 @@ class Protocol:
                 log(INFO, "refine: no site flagged a case in round %d; refinement ends", k)
                 break
 
+    def _control(self) -> None:
+        """M+sup: refinement's supervised share without its QC-driven part, as many rounds, same candidates."""
+        if not self.settings.control:
+            return
+        rounds = sum(1 for row in self.log_rows if row["phase"] == "refine" and "error" not in row)
+        if self.phase_round == 0:  # stash the refined candidates, start from the supervised ones
+            refined = self._candidates()
+            self.weights = {k: v for k, v in self.weights.items() if not CANDIDATE.match(k)}
+            self.weights.update({STASH + k: v for k, v in refined.items()})
+            self._make_candidates()
+        for k in range(self.phase_round + 1, rounds + 1):
+            config = self._train_config(Task.REFINE, k)
+            config[ConfigKey.ALPHA.value] = self.settings.alpha_at(k)
+            config[ConfigKey.CONTROL.value] = True
+            outcome = self._exchange(Task.REFINE, config, self._candidates(), ae=select(self.weights, AE))
+            labelled = {a.site: float(a.metrics.get(MetricKey.NUM_LABELLED.value, 0)) for a in outcome.answers}
+            combine = weighted_average
+            if self.settings.refine_aggregation == "eq2":
+                combine = lambda ups, ref: eq2_average(ups, ref, labelled)  # noqa: E731
+            self._record("control", k, outcome, self._aggregate(outcome, required=False, combine=combine))
+        control = {CONTROL + k: v for k, v in self._candidates().items()}
+        stashed = {k[len(STASH):]: v for k, v in self.weights.items() if k.startswith(STASH)}
+        self.weights = {k: v for k, v in self.weights.items()
+                        if not (CANDIDATE.match(k) or k.startswith((STASH, CONTROL)))}
+        self.weights.update({**stashed, **control})
+        self._save()
+
     def _predict(self) -> None:
         if not self.settings.predict:
             return
-        config = self._base_config(Task.PREDICT, 1)
+        config = self._with_fences(self._base_config(Task.PREDICT, 1))
         config[ConfigKey.NUM_CANDIDATES.value] = self._num_candidates()
         outcome = self._exchange(Task.PREDICT, config, self._candidates(), ae=select(self.weights, AE))
         self._record("predict", 1, outcome, {})
@@ -277,7 +344,7 @@ class Protocol:
         run_state.write_json(self.run_dir / run_state.STATE, {
             "phase": self.phase, "phase_round": self.phase_round, "server_round": self.server_round,
             "weights": str(weights.relative_to(self.run_dir)), "best": self.best.to_json(),
-            "candidates": self.best.best()})
+            "candidates": self.best.best(), "fences": self.fences})
         run_state.prune_globals(self.run_dir, keep=weights)
 
     def _summary(self, seconds: float) -> dict[str, Any]:

@@ -37,7 +37,7 @@ NORM_PATTERN = "norm-pattern"  # FedBN: non-empty regular expression of site-loc
 EVALUATE_FIRST = "evaluate-first"  # validate the received weights before training (same message)
 _MESSAGE_TYPES = {Task.SUPERVISED: MessageType.TRAIN, Task.QC_AUTOENCODER: MessageType.TRAIN,
                   Task.REFINE: MessageType.TRAIN, Task.EVALUATE: MessageType.EVALUATE,
-                  Task.PREDICT: MessageType.QUERY, INIT: MessageType.QUERY}
+                  Task.PREDICT: MessageType.QUERY, INIT: MessageType.QUERY, Task.FENCES: MessageType.EVALUATE}
 
 
 class FederationError(FedqcError):

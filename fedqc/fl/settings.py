@@ -49,6 +49,14 @@ class FederationSettings:
         norm_pattern: regular expression (``re.search``) naming normalisation-layer weights.
         m_best: global segmenters kept by federated validation score (weighted mean VAL_DICE).
         alpha: ``inverse`` (alpha = 1/k) or ``linear`` (alpha = (K - k + 1) / K) over refine rounds.
+        fence_source: ``consortium``: before refinement, one Task.FENCES exchange gathers the labelled
+            sites' pDC / pHD quartiles on their validation cases; the pooled fences
+            (:func:`fedqc.qc.fences.pooled_fences`) go to every site with REFINE and PREDICT.
+            ``unlabelled``: each site fits fences on its own pool (the paper's).
+        tukey_factor: the fences' factor (1.5 in the paper), for the pooled fences.
+        control: after refinement, as many rounds of the compute-matched control ``M+sup``: the
+            labelled sites' share of refinement (Eq. 2's supervised term, alpha 0) from the same
+            candidates, stored as ``ctl/m<i>/...`` (for the report; a deployment leaves it off).
         min_sites: sites that must be connected to start a round and must answer to aggregate.
         node_wait_s: how long to wait for ``min_sites`` to connect before failing.
         round_timeout_s: how long to wait for the replies of one round.
@@ -87,6 +95,9 @@ class FederationSettings:
     norm_pattern: str = DEFAULT_NORM_PATTERN
     m_best: int = 3
     alpha: Literal["inverse", "linear"] = "inverse"
+    fence_source: Literal["consortium", "unlabelled"] = "consortium"
+    tukey_factor: float = 1.5
+    control: bool = False
     min_sites: int = 1
     node_wait_s: float = 300.0
     round_timeout_s: float = 3600.0

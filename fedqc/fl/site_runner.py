@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message
 
 from fedqc.fl import appdir, records, run_state
+from fedqc.fl.aggregation import local_names
 from fedqc.fl.rounds import (
     AE_HASH,
     EVALUATE_FIRST,
@@ -109,11 +110,8 @@ def _with_local_norms(weights: Weights, context: Context, pattern: str) -> Weigh
     if _STATE_LOCAL not in context.state:
         return weights
     local = records.record_to_weights(context.state[_STATE_LOCAL])
-    regex = re.compile(pattern)
     merged = dict(weights)
-    for name in weights:
-        if name.startswith("ae/") or not regex.search(name):
-            continue
+    for name in local_names(weights, pattern):
         own = local.get(name, local.get(_CANDIDATE.sub("", name)))
         if own is not None and own.shape == weights[name].shape:
             merged[name] = own
@@ -122,8 +120,7 @@ def _with_local_norms(weights: Weights, context: Context, pattern: str) -> Weigh
 
 def _keep_local_norms(weights: Weights, context: Context, pattern: str) -> Weights:
     """FedBN: store the normalisation-layer arrays in ``context.state``; return the rest."""
-    regex = re.compile(pattern)
-    local = {n: v for n, v in weights.items() if regex.search(n) and not n.startswith("ae/")}
+    local = {n: weights[n] for n in local_names(weights, pattern)}
     if local:
         kept = records.record_to_weights(context.state[_STATE_LOCAL]) if _STATE_LOCAL in context.state else {}
         kept.update(local)
@@ -144,7 +141,7 @@ def _outgoing(reply_weights: Weights | None, received: Weights | None, task: str
     """The arrays allowed to leave: named like those received, never the frozen autoencoder."""
     if reply_weights is None or task == INIT:
         return reply_weights
-    if task in (Task.EVALUATE, Task.PREDICT):
+    if task in (Task.EVALUATE, Task.PREDICT, Task.FENCES):
         return None
     if task == Task.REFINE:  # the autoencoder is frozen: it never travels back
         reply_weights = {n: v for n, v in reply_weights.items() if not n.startswith("ae/")}
@@ -164,7 +161,7 @@ def handle(msg: Message, context: Context) -> Message:
         algo = site_algo(context)
         weights = records.record_to_weights(msg.content[records.WEIGHTS]) if records.WEIGHTS in msg.content else None
         received = weights
-        if task in (Task.REFINE, Task.PREDICT):
+        if task in (Task.REFINE, Task.PREDICT, Task.FENCES):
             ae = _autoencoder(msg, context, config)
             if ae is None:
                 return Message(records.reply_content(site_id, {}, needs_ae=True), reply_to=msg)

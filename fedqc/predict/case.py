@@ -38,7 +38,8 @@ def predict_case(config: Config, models: Sequence[torch.nn.Module], autoencoder:
     probs, recons, pdc, phd = candidate_outputs(models, autoencoder, case, config.qc, device)
     ood = bool(flag_ood(pdc[None], phd[None], thresholds)[0])
     if selection:
-        choice = select_candidate(pdc, phd, thresholds.th_up_phd)
+        guard = config.qc.selection_margin if config.qc.selection == "guarded" else None
+        choice = select_candidate(pdc, phd, thresholds.th_up_phd, thresholds.th_low_pdc, guard)
         chosen = apply_selection(choice, probs)
         index = choice.index
     else:

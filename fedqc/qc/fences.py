@@ -3,8 +3,10 @@
 ``fedqc refine``, ``fedqc predict``, the ablation and a federated site all ask
 :func:`choose_fences` with the config's ``qc.threshold_source`` and what they have:
 
-* ``labelled-val``: fences fitted on labelled validation cases under the current candidates
-  (the consortium's in ``fedqc train``; a labelled site's own in the federation);
+* ``consortium``: fences of in-distribution behaviour, from the labelled sites' validation cases
+  under the current candidates: fitted on the pooled cases in ``fedqc train``; in the federation
+  pooled by the coordinator from each labelled site's quartiles (:func:`pooled_fences`) and sent
+  with the refine and predict tasks;
 * ``unlabelled``: fences fitted on the cases themselves (the paper's own-pool fences).
 
 The requested source is used when it is available and has at least
@@ -27,7 +29,8 @@ from fedqc.data.site import PreparedCase
 from fedqc.qc.scoring import CaseScores, score_cases
 from fedqc.qc.thresholds import ThresholdFitError, Thresholds, fit_from_candidates
 
-SOURCES = ("labelled-val", "unlabelled")
+SOURCES = ("consortium", "unlabelled")
+ALIASES = {"labelled-val": "consortium"}  # the old name
 Provider = Callable[[], Thresholds] | None
 logger = logging.getLogger("fedqc.qc")
 
@@ -49,7 +52,8 @@ def choose_fences(requested: str, *, labelled_val: Provider, unlabelled: Provide
 
     Args:
         requested: ``qc.threshold_source``.
-        labelled_val: fits (or reads) the labelled-validation fences; None when there are none here.
+        labelled_val: gives the consortium's fences (fitted on, or read from, labelled validation
+            cases, or pooled by the coordinator); None when there are none here.
         unlabelled: fits the own-pool fences; None when there are no such cases here.
         where: the site and view, for messages.
 
@@ -57,15 +61,17 @@ def choose_fences(requested: str, *, labelled_val: Provider, unlabelled: Provide
         ConfigError: an unknown source.
         ThresholdFitError: no source could give fences.
     """
+    requested = ALIASES.get(requested, requested)
     if requested not in SOURCES:
         raise ConfigError("qc.threshold_source", f"unknown '{requested}'; use one of {list(SOURCES)}")
-    providers = {"labelled-val": labelled_val, "unlabelled": unlabelled}
+    providers = {"consortium": labelled_val, "unlabelled": unlabelled}
     order = [requested] + [s for s in SOURCES if s != requested]
     reasons = []
     for source in order:
         provider = providers[source]
         if provider is None:
-            reasons.append(f"no {'labelled validation' if source == 'labelled-val' else 'unlabelled'} cases")
+            reasons.append(f"no {'consortium (labelled validation)' if source == 'consortium' else 'unlabelled'} "
+                           "cases")
             continue
         try:
             fences = provider()

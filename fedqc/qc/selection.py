@@ -49,19 +49,31 @@ def rank_by_pdc(pdc: np.ndarray, phd: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(pdc_key.size), phd_key, -pdc_key))
 
 
-def select_candidate(pdc: np.ndarray, phd: np.ndarray, th_up_phd: float) -> Selection:
-    """Steps 1-5 of the paper's selection for one case.
+def select_candidate(pdc: np.ndarray, phd: np.ndarray, th_up_phd: float, th_low_pdc: float | None = None,
+                     margin: float | None = None) -> Selection:
+    """Steps 1-5 of the paper's selection for one case, optionally guarded.
+
+    Guarded (``margin`` and ``th_low_pdc`` given): candidate 0, the best-validation model M, is kept
+    while it passes both fences unless another candidate's pDC beats its own by more than
+    ``margin``. A weak QC module ranks near-equal candidates by noise; unguarded, that noise
+    overrode a good M in-distribution (docs/QC.md).
 
     Args:
         pdc: ``(m,)`` pDC per candidate.
         phd: ``(m,)`` pHD in mm per candidate.
         th_up_phd: the upper pHD fence (Eq. 4).
+        th_low_pdc: the lower pDC fence (Eq. 3), for the guard.
+        margin: pDC margin of the guard; None: the paper's selection.
 
     Returns:
         The :class:`Selection`.
     """
     pdc_key, phd_key = _keys(pdc, phd)
     ranking = rank_by_pdc(pdc_key, phd_key)
+    if margin is not None and th_low_pdc is not None:
+        passes = pdc_key[0] >= th_low_pdc and phd_key[0] < th_up_phd
+        if passes and pdc_key[ranking[0]] - pdc_key[0] <= margin:
+            return Selection(index=0)
     for i in ranking:
         if phd_key[i] < th_up_phd:
             return Selection(index=int(i))

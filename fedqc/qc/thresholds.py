@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
@@ -176,3 +177,34 @@ def fit_from_candidates(
     best_pdc = np.where(np.isfinite(pdc), pdc, -np.inf).max(axis=1, initial=-np.inf)
     best_phd = np.where(np.isfinite(phd), phd, np.inf).min(axis=1, initial=np.inf)
     return fit_tukey_thresholds(best_pdc, best_phd, factor, source)
+
+
+QUARTILES = ("pdc_q1", "pdc_q3", "phd_q1", "phd_q3")
+
+
+def fence_quartiles(fences: Thresholds) -> dict[str, float]:
+    """What a labelled site reports for the consortium's fences: four quartiles (and its case count)."""
+    return {"pdc_q1": fences.q1_pdc, "pdc_q3": fences.q3_pdc, "phd_q1": fences.q1_phd, "phd_q3": fences.q3_phd,
+            "n": fences.n_cases}
+
+
+def pooled_fences(per_site: Sequence[Mapping[str, float]], factor: float) -> Thresholds:
+    """The consortium's fences from the labelled sites' quartiles, each weighted by its case count.
+
+    The exact pooled quartiles would need every site's per-case scores, which never leave a site;
+    the count-weighted mean of the sites' quartiles is what the coordinator can compute from
+    scalars. It equals the pooled quartile when the sites' distributions agree, and is pulled
+    toward the larger site otherwise (docs/FEDERATION.md).
+
+    Raises:
+        ThresholdFitError: fewer than :data:`fedqc.qc.thresholds.MIN_VALUES` cases in all.
+    """
+    rows = [r for r in per_site if r.get("n", 0) > 0]
+    total = sum(r["n"] for r in rows)
+    if total < MIN_VALUES:
+        raise ThresholdFitError(f"consortium: {total} labelled validation cases; the fences need at least {MIN_VALUES}")
+    q = {k: sum(r[k] * r["n"] for r in rows) / total for k in QUARTILES}
+    return Thresholds(th_low_pdc=q["pdc_q1"] - factor * (q["pdc_q3"] - q["pdc_q1"]),
+                      th_up_phd=q["phd_q3"] + factor * (q["phd_q3"] - q["phd_q1"]),
+                      q1_pdc=q["pdc_q1"], q3_pdc=q["pdc_q3"], q1_phd=q["phd_q1"], q3_phd=q["phd_q3"],
+                      factor=float(factor), n_cases=int(total), source=f"consortium ({len(rows)} sites)")

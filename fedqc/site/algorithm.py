@@ -86,7 +86,7 @@ class FedqcSite(SiteState):
             return SiteReply(weights=site_tasks.initial_weights(self, task, seed))
         handler = {Task.SUPERVISED: site_tasks.supervised, Task.QC_AUTOENCODER: site_tasks.autoencoder,
                    Task.EVALUATE: site_tasks.evaluate, Task.REFINE: site_tasks.refine,
-                   Task.PREDICT: site_tasks.predict}[task]
+                   Task.PREDICT: site_tasks.predict, Task.FENCES: site_tasks.fences}[task]
         reply = handler(self, dict(weights or {}), config, epochs)
         reply.metrics[MetricKey.SECONDS.value] = round(time.perf_counter() - started, 3)
         return reply

@@ -29,6 +29,7 @@ class Task(StrEnum):
     REFINE = "refine"  # OoD detection + local semi-supervised refinement (Eq. 2)
     PREDICT = "predict"  # QC-based candidate selection, predictions and QC report written locally
     EVALUATE = "evaluate"  # labelled validation metrics of the given weights
+    FENCES = "fences"  # labelled sites: quartiles of pDC / pHD on their validation cases (consortium fences)
 
 
 class MetricKey(StrEnum):
@@ -46,6 +47,18 @@ class MetricKey(StrEnum):
     VAL_RV_DICE = "val-rv-dice"
     ALPHA = "alpha"
     SECONDS = "seconds"  # wall time of the local work
+    # FENCES (labelled sites): per view, the quartiles of the best candidate's pDC / pHD over the
+    # site's validation cases and their count; the coordinator pools them into the consortium's fences.
+    FENCE_SA_N = "fence-SA-n"
+    FENCE_SA_PDC_Q1 = "fence-SA-pdc_q1"
+    FENCE_SA_PDC_Q3 = "fence-SA-pdc_q3"
+    FENCE_SA_PHD_Q1 = "fence-SA-phd_q1"
+    FENCE_SA_PHD_Q3 = "fence-SA-phd_q3"
+    FENCE_LA_N = "fence-LA-n"
+    FENCE_LA_PDC_Q1 = "fence-LA-pdc_q1"
+    FENCE_LA_PDC_Q3 = "fence-LA-pdc_q3"
+    FENCE_LA_PHD_Q1 = "fence-LA-phd_q1"
+    FENCE_LA_PHD_Q3 = "fence-LA-phd_q3"
 
 
 ALLOWED_METRIC_KEYS: frozenset[str] = frozenset(k.value for k in MetricKey)
@@ -62,6 +75,14 @@ class ConfigKey(StrEnum):
     PROXIMAL_MU = "proximal-mu"  # FedProx: add mu/2 * ||w - w_received||^2 to the local loss; 0 = off
     NUM_CANDIDATES = "num-candidates"  # m_best segmenters carried in REFINE / PREDICT weights
     SEED = "seed"
+    # REFINE / PREDICT: the consortium's fences per view, JSON {"SA": {th_low_pdc, th_up_phd, q1_pdc, ...}}
+    CONSORTIUM_FENCES = "consortium-fences"
+    CONTROL = "control"  # REFINE of the compute-matched control: flag nothing, Eq. 2's supervised share only
+
+
+def fence_metric_key(view: str, stat: str) -> str:
+    """The MetricKey value of one FENCES statistic (``n``, ``pdc_q1``, ...) for ``view``."""
+    return MetricKey(f"fence-{view}-{stat}").value
 
 
 @dataclass

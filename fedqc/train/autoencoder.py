@@ -26,6 +26,7 @@ from fedqc.core.device import (
 from fedqc.core.errors import FedqcError
 from fedqc.core.types import NUM_CLASSES
 from fedqc.train.checkpoints import Checkpoint, TopKCheckpoints
+from fedqc.train.corrupt import CorruptionConfig, corrupt_masks
 from fedqc.train.losses import one_hot, qc_autoencoder_loss
 from fedqc.train.supervised import EpochStats, epoch_seed
 
@@ -33,7 +34,8 @@ ArrayOrTensor = np.ndarray | torch.Tensor
 
 
 def autoencoder_one_epoch(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: torch.optim.Optimizer, *,
-                          batch_size: int, generator: torch.Generator, autocast: bool = True) -> EpochStats:
+                          batch_size: int, generator: torch.Generator, autocast: bool = True,
+                          corruption: CorruptionConfig | None = None) -> EpochStats:
     """One pass over ground-truth label slices in random order.
 
     Args:
@@ -56,8 +58,9 @@ def autoencoder_one_epoch(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser:
     total = torch.zeros((), device=device)
     for first in range(0, n, batch_size):
         y = labels[order[first:first + batch_size]].long()
+        x = corrupt_masks(y, generator, corruption) if corruption is not None else y
         with autocast_context(device, autocast):
-            reconstruction = ae(one_hot(y, NUM_CLASSES))
+            reconstruction = ae(one_hot(x, NUM_CLASSES))
         loss = qc_autoencoder_loss(reconstruction, y)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -76,7 +79,7 @@ def autoencoder_optimiser(ae: torch.nn.Module, lr: float, weight_decay: float = 
 
 def autoencoder_epochs(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: torch.optim.Optimizer, *,
                        first_epoch: int, epochs: int, batch_size: int, seed: int, passes: int = 1,
-                       autocast: bool = True,
+                       autocast: bool = True, corruption: CorruptionConfig | None = None,
                        after_epoch: Callable[[int, EpochStats], Any] | None = None) -> EpochStats:
     """Epochs ``first_epoch ..`` of L^R: the one autoencoder loop (``fedqc train`` and a federated site).
 
@@ -93,7 +96,7 @@ def autoencoder_epochs(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: to
         seconds = 0.0
         for _ in range(passes):
             stats = autoencoder_one_epoch(ae, labels, optimiser, batch_size=batch_size, generator=generator,
-                                          autocast=autocast)
+                                          autocast=autocast, corruption=corruption)
             seconds += stats.seconds
         stats = EpochStats(stats.loss, stats.num_examples, seconds)
         if after_epoch is not None:
@@ -168,7 +171,8 @@ def train_qc_autoencoder(ae: torch.nn.Module, label_slices: ArrayOrTensor, *, ep
                          val_labels: ArrayOrTensor | None = None, restore_best: bool = True,
                          device: str | torch.device = "auto", seed: int = 0,
                          progress: Callable[[dict[str, float]], Any] | None = None,
-                         autocast: bool = True, passes: int = 1) -> AutoencoderResult:
+                         autocast: bool = True, passes: int = 1,
+                         corruption: CorruptionConfig | None = None) -> AutoencoderResult:
     """Train the QC autoencoder with Adam on ground-truth masks.
 
     Args:
@@ -205,7 +209,7 @@ def train_qc_autoencoder(ae: torch.nn.Module, label_slices: ArrayOrTensor, *, ep
             progress(record)
 
     autoencoder_epochs(ae, labels, optimiser, first_epoch=0, epochs=epochs, batch_size=batch_size, seed=seed,
-                       passes=passes, autocast=autocast, after_epoch=validate_and_keep)
+                       passes=passes, autocast=autocast, corruption=corruption, after_epoch=validate_and_keep)
     best = keeper.ranked()[0] if len(keeper) else None
     if best is not None and restore_best:
         ae.load_state_dict(best.state_dict)

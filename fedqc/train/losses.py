@@ -166,18 +166,25 @@ def qc_autoencoder_loss(reconstruction: torch.Tensor, labels: torch.Tensor) -> t
 
 
 def semi_supervised_term(probs: torch.Tensor, pseudo_target: torch.Tensor,
-                         class_weights: torch.Tensor) -> torch.Tensor:
+                         class_weights: torch.Tensor, min_confidence: float = 0.0) -> torch.Tensor:
     """Eq. 2's L_WGD(y^M, y^R): weighted generalised Dice against the detached reconstruction.
 
     Args:
         probs: (N, C, H, W) segmenter probabilities (carry the gradient).
         pseudo_target: (N, C, H, W) autoencoder reconstruction, used as soft pseudo ground truth.
         class_weights: (C,) factors lambda_c (see :func:`class_weights_with_rv`).
+        min_confidence: pixels where R's largest class probability is below this are left out of
+            both terms (0: every pixel, the paper's), so Eq. 2 does not pull toward R's uncertain guesses.
 
     Returns:
         Scalar loss.
     """
-    return generalized_dice_loss(probs.float(), pseudo_target.detach().float(), class_weights)
+    target = pseudo_target.detach().float()
+    probs = probs.float()
+    if min_confidence > 0:
+        keep = (target.amax(1, keepdim=True) >= min_confidence).float()
+        probs, target = probs * keep, target * keep
+    return generalized_dice_loss(probs, target, class_weights)
 
 
 def alpha_schedule(k: int, kind: str = "inverse", total: int | None = None) -> float:

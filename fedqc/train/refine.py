@@ -83,7 +83,7 @@ def refine_epoch(model: torch.nn.Module, autoencoder: torch.nn.Module, flagged_c
                  batch_size: int, optimiser: torch.optim.Optimizer, generator: torch.Generator,
                  rv_weight: float = 2.5, class_weights: torch.Tensor | None = None, ae_input: str = "onehot",
                  augmenter: BatchAugmenter | None = None, grad_clip: float | None = 12.0,
-                 autocast: bool = True) -> dict[str, float]:
+                 autocast: bool = True, min_confidence: float = 0.0) -> dict[str, float]:
     """One refinement epoch: every flagged slice once, each step paired with a labelled batch.
 
     Steps = ceil(flagged slices / batch_size). The labelled batches are drawn in shuffled passes over the
@@ -106,6 +106,8 @@ def refine_epoch(model: torch.nn.Module, autoencoder: torch.nn.Module, flagged_c
         augmenter: augmenter for the labelled batches, or None.
         grad_clip: global gradient-norm clip (None: none).
         autocast: bf16 autocast on CUDA.
+        min_confidence: pseudo-label pixels below this confidence of R are left out
+            (:func:`fedqc.train.losses.semi_supervised_term`).
 
     Returns:
         ``semi_loss`` and ``sup_loss`` (means over steps; sup 0 without labelled data), ``n_flagged_slices``,
@@ -155,7 +157,7 @@ def refine_epoch(model: torch.nn.Module, autoencoder: torch.nn.Module, flagged_c
             if nf:
                 probs = torch.softmax(main_output(output)[:nf].float(), dim=1)
                 target = pseudo_ground_truth(autoencoder, probs, ae_input, autocast)
-                semi = semi_supervised_term(probs, target, weights)
+                semi = semi_supervised_term(probs, target, weights, min_confidence)
                 loss = alpha * semi
                 semi_total += semi.detach()
             if has_labelled:

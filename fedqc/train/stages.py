@@ -37,6 +37,7 @@ from fedqc.train.autoencoder import (
     autoencoder_optimiser,
     train_qc_autoencoder,
 )
+from fedqc.train.corrupt import CorruptionConfig
 from fedqc.train.losses import alpha_schedule
 from fedqc.train.refine import refine_epoch
 from fedqc.train.supervised import (
@@ -80,13 +81,19 @@ def supervised_round(config: Config, model: torch.nn.Module, images: np.ndarray,
                         seed=tc.seed, augment=tc.augment, passes=passes)
 
 
+def corruption_of(config: Config) -> CorruptionConfig | None:
+    """``qc.autoencoder``: ``corrective`` trains R to repair corrupted masks, ``plain`` to reproduce them."""
+    return CorruptionConfig() if config.qc.autoencoder == "corrective" else None
+
+
 def autoencoder_round(config: Config, ae: torch.nn.Module, labels: np.ndarray, *, first_epoch: int, epochs: int,
                       passes: int = 1) -> EpochStats:
     """``epochs`` epochs of L^R from the autoencoder's current weights (a fresh optimiser)."""
     qc = config.qc
     optimiser = autoencoder_optimiser(ae, qc.ae_lr, AE_WEIGHT_DECAY)
     return autoencoder_epochs(ae, labels, optimiser, first_epoch=first_epoch, epochs=epochs,
-                              batch_size=qc.ae_batch_size, seed=config.train.seed, passes=passes)
+                              batch_size=qc.ae_batch_size, seed=config.train.seed, passes=passes,
+                              corruption=corruption_of(config))
 
 
 @dataclass
@@ -124,7 +131,7 @@ def train_supervised(config: Config, train_cases: Sequence[PreparedCase], val_ca
     val_labels = np.concatenate([c.labels for c in val_cases if c.labels is not None]) if val else None
     ae_result = train_qc_autoencoder(ae, labels, epochs=qc.ae_epochs, batch_size=qc.ae_batch_size, lr=qc.ae_lr,
                                      weight_decay=AE_WEIGHT_DECAY, val_labels=val_labels, device=device,
-                                     seed=tc.seed, passes=passes,
+                                     seed=tc.seed, passes=passes, corruption=corruption_of(config),
                                      progress=_epoch_printer("QC autoencoder", qc.ae_epochs, progress))
     ae_state = {k: v.detach().cpu().clone() for k, v in ae.state_dict().items()}
     history["autoencoder"] = ae_result.history
@@ -179,7 +186,7 @@ def refine_round(config: Config, models: Sequence[torch.nn.Module], autoencoder:
             seed_everything(seed)
             last = refine_epoch(model, autoencoder, stacks, images, labels, alpha=alpha, batch_size=rc.batch_size,
                                 optimiser=optimiser, generator=make_generator(seed, device),
-                                rv_weight=rc.rv_weight)
+                                rv_weight=rc.rv_weight, min_confidence=rc.pseudo_label_confidence)
         stats.append(last)
     return optimisers, stats
 
@@ -205,8 +212,11 @@ def count_flags(config: Config, models: Sequence[torch.nn.Module], autoencoder: 
 def refine(config: Config, models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
            pools: Mapping[str, Sequence[PreparedCase]], thresholds: Mapping[str, Thresholds],
            labelled_cases: Sequence[PreparedCase], device: torch.device,
-           progress: Progress = print) -> tuple[list[torch.nn.Module], RefineLog]:
+           progress: Progress = print, alpha_scale: float = 1.0) -> tuple[list[torch.nn.Module], RefineLog]:
     """Centralised refinement: :func:`refine_round` per epoch until no case is flagged or K_semi.
+
+    ``alpha_scale=0`` is the compute-matched control M+sup: the same loop, steps and labelled
+    batches, without the QC-driven term.
 
     The fences are fitted once, before refinement, and kept: re-fitting them on the moving pool
     would always flag its tail and never let the loop stop. The optimisers persist across epochs
@@ -226,7 +236,7 @@ def refine(config: Config, models: Sequence[torch.nn.Module], autoencoder: torch
             if progress:
                 progress(f"  refinement: no case flagged, stopping before epoch {k}")
             break
-        alpha = alpha_schedule(k, rc.alpha, rc.k_semi)
+        alpha = alpha_scale * alpha_schedule(k, rc.alpha, rc.k_semi)
         optimisers, stats = refine_round(config, models, autoencoder, flagged, labelled, alpha=alpha, k=k,
                                          optimisers=optimisers)
         flags = count_flags(config, models, autoencoder, pools, thresholds, device)

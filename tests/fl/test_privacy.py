@@ -116,3 +116,12 @@ def test_the_audit_check_catches_what_must_not_leave():
     assert len(audit_problems(bad, "A", parameters)) == 6
     error = {"task": "refine", "error": {"code": 2, "reason": "Traceback ... /data/A/patient.nii.gz"}}
     assert audit_problems(error, "A", parameters)
+
+
+def test_the_allow_list_is_exactly_the_reviewed_keys():
+    """A new key that may leave a site is a privacy decision: it must be added here on purpose.
+    The consortium fences add per view only four quartiles and a count (never per-case scores)."""
+    counts = {"num-examples", "num-cases", "num-flagged", "num-labelled"}
+    training = {"train-loss", "sup-loss", "semi-loss", "val-loss", "val-dice", "val-rv-dice", "alpha", "seconds"}
+    fences = {f"fence-{view}-{stat}" for view in ("SA", "LA") for stat in ("n", "pdc_q1", "pdc_q3", "phd_q1", "phd_q3")}
+    assert ALLOWED_METRIC_KEYS == counts | training | fences

@@ -111,6 +111,10 @@ class ToySiteAlgo:
 
     # -- tasks ------------------------------------------------------------------------------------
 
+    def _fences(self, weights, config, epochs) -> SiteReply:
+        """The toy flags by its own rule (``flag-below``): it reports no quartiles for consortium fences."""
+        return SiteReply(metrics={MetricKey.NUM_CASES.value: 0})
+
     def run(self, task: Task, weights: Mapping[str, np.ndarray] | None, config: Mapping[str, Scalar]) -> SiteReply:
         """Do ``task`` (see :class:`fedqc.site.contract.SiteAlgo`)."""
         started = time.perf_counter()
@@ -125,7 +129,8 @@ class ToySiteAlgo:
         if self.delay_s > 0 and task == self.delay_task:  # real work only, not INIT's initial weights
             self._delay_once()
         handlers = {Task.SUPERVISED: self._supervised, Task.QC_AUTOENCODER: self._autoencoder,
-                    Task.EVALUATE: self._evaluate, Task.REFINE: self._refine, Task.PREDICT: self._predict}
+                    Task.EVALUATE: self._evaluate, Task.REFINE: self._refine, Task.PREDICT: self._predict,
+                    Task.FENCES: self._fences}
         reply = handlers[Task(task)](weights or {}, config, epochs)
         reply.metrics[MetricKey.SECONDS.value] = time.perf_counter() - started
         return reply
