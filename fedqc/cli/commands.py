@@ -18,23 +18,46 @@ from fedqc.data.site import ensure_data
 
 
 def _prepare(config: Config, view, progress=print):
-    from fedqc.data.site import load_site_split
+    """Every site's split of ``view``; the bad files of all sites listed at once."""
+    from fedqc.data.site import BadCasesError, load_site_split, raise_collected
 
-    return [load_site_split(site, view, config, progress=progress) for site in config.sites]
+    splits, bad = [], []
+    for site in config.sites:
+        try:
+            splits.append(load_site_split(site, view, config, progress=progress))
+        except BadCasesError as exc:
+            bad.append(exc)
+    raise_collected(bad, f"unusable {view} case file(s); nothing was trained or changed")
+    return splits
+
+
+def check_fence_sizes(config: Config, federated: bool) -> None:
+    """Before any training: enough validation (or pool) cases for the QC fences (ConfigError otherwise)."""
+    from fedqc.core.errors import ConfigError
+    from fedqc.site.state import fence_shortfalls
+
+    problems = fence_shortfalls(config, federated=federated)
+    if problems:
+        raise ConfigError("qc.threshold_source", "too few cases for the QC fences, nothing was trained: "
+                          + "; ".join(problems))
 
 
 def train_command(config_path: Path, run: Path, overrides=None) -> int:
     from fedqc.core.device import select_device
     from fedqc.core.io import write_json
     from fedqc.core.table import format_table
+    from fedqc.data.site import BadCasesError, raise_collected
     from fedqc.models.factory import segmenters_from_states
     from fedqc.models.run_folder import (
+        clear_derived,
         load_autoencoder,
         save_autoencoder,
         save_candidates,
         save_config,
         thresholds_path,
+        training_id,
     )
+    from fedqc.predict.folder import write_fences
     from fedqc.qc.fences import fit_fences
     from fedqc.qc.thresholds import ThresholdFitError
     from fedqc.train.stages import train_supervised
@@ -44,14 +67,26 @@ def train_command(config_path: Path, run: Path, overrides=None) -> int:
     if not config.labelled_sites:
         raise FedqcError("no site is labelled: set 'labelled: true' on at least one site to train")
     ensure_data(config)
+    check_fence_sizes(config, federated=False)
     device = select_device(config.train.device)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(run, config)
     rows = []
-    prepared = {}
+    prepared, bad = {}, []
     for view in config.views:
         print(f"[{view}] preparing data")
-        prepared[view] = _prepare(config, view)
+        try:
+            prepared[view] = _prepare(config, view)
+        except BadCasesError as exc:
+            bad.append(exc)
+    raise_collected(bad, "unusable case file(s); nothing was trained or changed")
+    # Only now, with the data known good, touch the run folder: what the old training left that the
+    # new one makes stale goes first (refined models, fences), so nothing mixes two trainings.
+    run.mkdir(parents=True, exist_ok=True)
+    for view in config.views:
+        removed = clear_derived(run, view)
+        if removed:
+            print(f"[{view}] removed what the earlier training in {run} left and this one makes stale: "
+                  f"{', '.join(p.name for p in removed)} (rerun 'fedqc refine' after training)")
+    save_config(run, config)
     passes = view_passes({view: sum(len(c.images) for s in splits for c in s.train)
                           for view, splits in prepared.items()})
     for view, splits in prepared.items():
@@ -71,11 +106,11 @@ def train_command(config_path: Path, run: Path, overrides=None) -> int:
         try:
             th = fit_fences(config, models, ae, val, "labelled-val", device)
         except ThresholdFitError as exc:
-            if config.qc.threshold_source == "labelled-val":
+            if config.qc.threshold_source in ("consortium", "labelled-val"):
                 raise
             print(f"[{view}] note: no labelled-validation fences ({exc})")
             continue
-        th.to_json(thresholds_path(run, view, "labelled-val"))
+        write_fences(thresholds_path(run, view, "labelled-val"), th, {"training": training_id(run, view)})
         print(f"[{view}] done in {time.perf_counter() - start:.0f} s; labelled-val fences: "
               f"pDC < {th.th_low_pdc:.3f}, pHD > {th.th_up_phd:.2f} mm")
     print(format_table(["view", "candidate", "epoch", "val Dice"], rows))
@@ -85,12 +120,12 @@ def train_command(config_path: Path, run: Path, overrides=None) -> int:
 
 def site_thresholds(config: Config, run: Path, view, models, ae, splits, device) -> dict:
     """Each site's fences for its pool, by the one policy of :func:`fedqc.qc.fences.choose_fences`."""
-    from fedqc.models.run_folder import thresholds_path
+    from fedqc.models.run_folder import thresholds_path, training_id
+    from fedqc.predict.folder import labelled_val_fences, write_fences
     from fedqc.qc.fences import choose_fences, fit_fences
-    from fedqc.qc.thresholds import Thresholds
 
-    val_path = thresholds_path(run, view, "labelled-val")
-    labelled_val = (lambda: Thresholds.from_json(val_path)) if val_path.is_file() else None
+    labelled_val = labelled_val_fences(run, view)
+    key = {"training": training_id(run, view)}
     result = {}
     for split in splits:
         if not split.pool:
@@ -98,7 +133,7 @@ def site_thresholds(config: Config, run: Path, view, models, ae, splits, device)
         th = choose_fences(config.qc.threshold_source, labelled_val=labelled_val,
                            unlabelled=lambda pool=split.pool: fit_fences(config, models, ae, pool, "unlabelled", device),
                            where=f"{split.site} {view}")
-        th.to_json(thresholds_path(run, view, split.site))
+        write_fences(thresholds_path(run, view, split.site), th, key)
         result[split.site] = th
     return result
 
@@ -111,6 +146,7 @@ def refine_command(config_path: Path, run: Path, overrides=None) -> int:
         load_autoencoder,
         load_candidates,
         save_candidates,
+        training_id,
     )
     from fedqc.train.stages import refine
 
@@ -121,6 +157,7 @@ def refine_command(config_path: Path, run: Path, overrides=None) -> int:
     for view in config.views:
         models = load_candidates(run, view, "supervised", config, device)
         ae = load_autoencoder(run, view, config, device)
+        trained_by = training_id(run, view)  # what the refined models derive from (checked by predict)
         splits = _prepare(config, view)
         pools = {s.site: s.pool for s in splits if s.pool}
         if not pools:
@@ -130,7 +167,8 @@ def refine_command(config_path: Path, run: Path, overrides=None) -> int:
         print(f"[{view}] refining {len(models)} candidates on {sum(map(len, pools.values()))} unlabelled cases")
         refined, log = refine(config, models, ae, pools, thresholds, labelled, device)
         states = [{k: v.detach().cpu() for k, v in m.state_dict().items()} for m in refined]
-        save_candidates(run, view, "refined", states, [{"rank": i} for i in range(len(states))])
+        save_candidates(run, view, "refined", states,
+                        [{"rank": i, "training": trained_by} for i in range(len(states))])
         write_json(run / view / "refine_log.json", log.__dict__)
         for site in pools:
             rows.append([view, site, log.flagged_initial[site], log.flagged_final[site], len(log.epochs)])
@@ -139,33 +177,59 @@ def refine_command(config_path: Path, run: Path, overrides=None) -> int:
 
 
 def predict_command(run: Path, data: Path, out: Path, stage: str = "refined") -> int:
+    """``fedqc predict``: every case of ``data``; a bad case is listed, the others are written."""
     from fedqc.data.mnms2 import discover_cases
     from fedqc.models.run_folder import load_run_config
-    from fedqc.predict.folder import predict_folder
+    from fedqc.predict.folder import PredictionErrors, predict_folder
 
     config = load_run_config(run)
     cases = discover_cases(data, views=config.views)
     if not cases:
         raise DataError(data, "no cases found")
     rows = predict_folder(config, run, cases, out, stage=stage)
-    flagged = sum(1 for r in rows if r["ood"])
-    print(f"wrote {len(rows)} predictions, qc.csv and {flagged} overlay PNGs of flagged cases to {out}")
+    done = [r for r in rows if not r["error"]]
+    flagged = sum(1 for r in done if r["ood"])
+    print(f"wrote {len(done)} predictions, qc.csv, the QC review page qc.html and {flagged} overlay PNGs of "
+          f"flagged cases to {out}")
+    if len(done) < len(rows):
+        raise PredictionErrors(out, rows)
     return 0
 
 
 def evaluate_command(data: Path, pred: Path, json_path: Path | None = None) -> int:
+    """``fedqc evaluate``: every labelled case with a prediction; bad cases listed at the end (exit 2).
+    Where ``pred`` holds a ``qc.csv`` (``fedqc predict``'s), its review page ``qc.html`` is rebuilt
+    with each case's Dice (the pDC-vs-Dice plot)."""
+    import csv
+
+    import numpy as np
+
     from fedqc.core.io import write_json
+    from fedqc.data.site import raise_collected
     from fedqc.evaluation.evaluate import (
         evaluate_predictions,
         format_summary,
         results_as_json,
     )
+    from fedqc.predict.review import write_review
 
-    results = evaluate_predictions(data, pred)
-    print(format_summary(results))
+    failures: list[DataError] = []
+    results = evaluate_predictions(data, pred, failures=failures)
+    if results:
+        print(format_summary(results))
     if json_path is not None:
-        write_json(json_path, results_as_json(results))
+        write_json(json_path, {**(results_as_json(results) if results else {"cases": [], "summary": {}}),
+                               "failures": [str(e) for e in failures]})
         print(f"results written to {json_path}")
+    qc_csv = pred / "qc.csv"
+    if qc_csv.is_file() and results:
+        with open(qc_csv, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows and "case_id" in rows[0]:
+            dice = {r.case_id: round(float(np.mean(list(r.dice.values()))), 5) for r in results}
+            page = write_review(pred, rows, title=f"QC review: {pred} against {data}", dice=dice)
+            print(f"QC review page with pDC against Dice: {page}")
+    raise_collected(failures, f"case(s) could not be evaluated (the other {len(results)} are scored above)")
     return 0
 
 
@@ -179,9 +243,10 @@ def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int
     config = load_config(config_path, overrides)
     run = run or Path("runs") / config_path.stem
     ensure_data(config)
+    check_fence_sizes(config, federated=True)
     start = time.perf_counter()
     sites = [node_config(site, config.views) for site in config.sites]
-    simulation = SimulationConfig(sites=sites, federation=federation_settings(config, audit=True))
+    simulation = SimulationConfig(sites=sites, federation=federation_settings(config, audit=True, control=True))
     print(f"federating {len(sites)} sites ({', '.join(s.name for s in config.sites)}) into {run}")
     run_simulation(simulation, run)
     seconds = time.perf_counter() - start

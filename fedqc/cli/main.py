@@ -185,44 +185,142 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run(lambda: args.func(args))
 
 
+def _run_federation(prog: str, func: Callable[[], int], log_dir: Callable[[], Path]) -> int:
+    """``fedqc-server`` / ``fedqc-client``: one line per failure, never a traceback on the terminal.
+
+    SIGTERM and SIGHUP stop everything the command started, as Ctrl-C does (exit 128 + signal). A
+    fedqc error is one line (exit 2). Anything else is a fault of fedqc itself: its traceback goes to
+    ``<log_dir>/logs/<prog>-error.log`` and the terminal gets one line naming that file (exit 1).
+    """
+    from fedqc.core.errors import FedqcError
+    from fedqc.fl.processes import stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return func()
+    except FedqcError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as exc:
+        print(f"{prog}: stopped ({exc.args[0] if exc.args else 'SIGINT'}); files already written are kept",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 (a bug: the traceback to a file, one line to the operator)
+        path = _write_traceback(prog, log_dir)
+        print(f"{prog}: internal error: {type(exc).__name__}: {exc}; traceback in {path} (please report it)",
+              file=sys.stderr)
+        return 1
+
+
+def _write_traceback(prog: str, log_dir: Callable[[], Path]) -> Path:
+    import tempfile
+    import time
+    import traceback
+
+    text = f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {prog} (PID {os.getpid()})\n{traceback.format_exc()}"
+    for folder in _log_folders(log_dir):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = folder / f"{prog}-error.log"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a") as handle:
+                handle.write(text)
+            return path
+        except OSError:
+            continue
+    return Path(tempfile.gettempdir())
+
+
+def _log_folders(log_dir: Callable[[], Path]) -> list[Path]:
+    import tempfile
+
+    folders = []
+    try:
+        folders.append(Path(log_dir()).expanduser().resolve() / "logs")
+    except Exception:  # noqa: BLE001, S110 (the config itself may be what failed: the fallback below)
+        pass
+    return folders + [Path(tempfile.gettempdir()) / f"fedqc-{os.getuid()}"]
+
+
+def _old_resume_form(argv: Sequence[str]) -> str | None:
+    """``--resume RUN_DIR`` (before --run-dir existed alone) -> the message that names the new form."""
+    for i, arg in enumerate(argv):
+        value = arg.partition("=")[2] if arg.startswith("--resume=") else (
+            argv[i + 1] if arg == "--resume" and i + 1 < len(argv) and not argv[i + 1].startswith("-") else None)
+        if value:
+            return (f"fedqc-server: error: --resume takes no folder: continue the run in {value} with "
+                    f"'fedqc-server --config CONFIG --run-dir {value} --resume'")
+    return None
+
+
 def server_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedqc-server",
         description="The coordinator: starts a SuperLink, submits the fedqc run and streams its progress.",
     )
     parser.add_argument("--config", required=True, help="server YAML (see server/server.example.yaml)")
-    parser.add_argument("--run-dir", default=None, help="run directory (default from config)")
+    parser.add_argument("--run-dir", default=None, metavar="RUN_DIR",
+                        help="run directory (default: run_dir of the config)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in the run directory from its last completed round")
     parser.add_argument("--insecure", action="store_true", help="no TLS: loopback testing only")
-    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    old = _old_resume_form(argv)
+    if old:
+        print(old, file=sys.stderr)
+        return EXIT_USER_ERROR
     args = parser.parse_args(argv)
     _start()
+    run_dir = None if args.run_dir is None else Path(args.run_dir)
 
     def go() -> int:
         from fedqc.cli.federation import server_command
 
-        return server_command(Path(args.config), run_dir=None if args.run_dir is None else Path(args.run_dir),
-                              insecure=args.insecure, resume=None if args.resume is None else Path(args.resume))
+        return server_command(Path(args.config), run_dir=run_dir, insecure=args.insecure, resume=args.resume)
 
-    return _run(go)
+    def log_dir() -> Path:
+        from fedqc.cli.federation import server_run_dir
+
+        return server_run_dir(Path(args.config), run_dir)
+
+    return _run_federation("fedqc-server", go, log_dir)
 
 
 def client_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedqc-client",
         description="One hospital: starts a SuperNode that runs fedqc on local data; only weights and "
-                    "scalar counts leave the site.",
+                    "scalar counts leave the site. 'fedqc-client check --config site.yaml' checks the "
+                    "config, the data, the key, the TLS connection and the device before joining.",
     )
+    parser.add_argument("action", nargs="?", choices=("join", "check"), default="join",
+                        help="join (default): run this site's SuperNode; check: check everything, join nothing")
     parser.add_argument("--config", required=True, help="site YAML (see client/site.example.yaml)")
     parser.add_argument("--insecure", action="store_true", help="no TLS: loopback testing only")
+    parser.add_argument("--method", default=None, metavar="CONFIG",
+                        help="check: the coordinator's method config (preprocessing, model, training) for the "
+                             "data check and the time estimate; fedqc's defaults otherwise")
+    parser.add_argument("--try-join", action="store_true",
+                        help="check: start a SuperNode for a moment to see whether the coordinator admits this "
+                             "site's key (the coordinator sees the site come and go)")
     args = parser.parse_args(argv)
     _start()
 
     def go() -> int:
-        from fedqc.cli.federation import client_command
+        from fedqc.cli.federation import check_command, client_command
 
+        if args.action == "check":
+            return check_command(Path(args.config), insecure=args.insecure,
+                                 method_path=None if args.method is None else Path(args.method),
+                                 try_join=args.try_join)
         return client_command(Path(args.config), insecure=args.insecure)
 
-    return _run(go)
+    def log_dir() -> Path:
+        from fedqc.cli.federation import site_work_dir
+
+        return site_work_dir(Path(args.config))
+
+    return _run_federation("fedqc-client", go, log_dir)
 
 
 if __name__ == "__main__":

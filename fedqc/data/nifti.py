@@ -85,8 +85,11 @@ def load_image(path: str | Path) -> Volume:
     )
 
 
+REMAP_HINT = "for another convention set the site's label_remap, e.g. ACDC's {1: 3, 3: 1}"
+
+
 def load_label(
-    path: str | Path, image: Volume, remap: Mapping[int, int] | None = None
+    path: str | Path, image: Volume, remap: Mapping[int, int] | None = None, hint: str = REMAP_HINT
 ) -> LabelArray:
     """Read a label map that belongs to ``image``.
 
@@ -96,6 +99,8 @@ def load_label(
         remap: optional ``{file value: M&Ms-2 value}`` applied before the 0..3 check, for datasets
             with another convention, e.g. ACDC (1 RV, 2 MYO, 3 LV) needs ``{1: 3, 3: 1}``
             (:data:`ACDC_REMAP`). Values are swapped simultaneously; unlisted values are kept.
+        hint: what the message of values outside 0..3 tells the user to do (a caller without a
+            remap option says something else).
 
     Returns:
         uint8 labels shaped like ``image.array`` with values in 0..3.
@@ -131,8 +136,7 @@ def load_label(
     if wrong.size:
         raise DataError(
             path, f"label values {_list_values(wrong)} are outside 0..{NUM_CLASSES - 1} "
-            "(0 background, 1 LV, 2 MYO, 3 RV); for another convention pass a remap, "
-            "e.g. ACDC's {1: 3, 3: 1}"
+            f"(0 background, 1 LV, 2 MYO, 3 RV); {hint}"
         )
     return values.astype(np.uint8)
 

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from fedqc.config import Config, PreprocessConfig, SiteConfig
-from fedqc.core.errors import DataError
+from fedqc.core.errors import DataError, FedqcError
 from fedqc.core.types import View
 from fedqc.data.cache import load_preprocessed
 from fedqc.data.mnms2 import Case, discover_cases, filter_cases
@@ -59,6 +59,30 @@ class SiteSplit:
     test: list[PreparedCase] = field(default_factory=list)
 
 
+class BadCasesError(DataError):
+    """Several case files are unusable: each listed with its reason, all at once.
+
+    Attributes:
+        errors: the :class:`DataError` of every bad file (each names its file).
+    """
+
+    def __init__(self, errors: Sequence[DataError], what: str = "unusable case file(s)"):
+        self.errors = list(errors)
+        self.path = self.errors[0].path
+        self.problem = what
+        lines = "\n".join(f"  {e}" for e in self.errors)
+        FedqcError.__init__(self, f"{len(self.errors)} {what}:\n{lines}")
+
+
+def raise_collected(errors: Sequence[DataError], what: str = "unusable case file(s)") -> None:
+    """Raise one :class:`BadCasesError` listing ``errors`` (nested lists flattened); nothing if empty."""
+    flat: list[DataError] = []
+    for error in errors:
+        flat += error.errors if isinstance(error, BadCasesError) else [error]
+    if flat:
+        raise BadCasesError(flat, what)
+
+
 def spec_from_config(cfg: PreprocessConfig) -> PreprocessSpec:
     return PreprocessSpec(spacing_mm=cfg.spacing_mm, size_px=cfg.size_px, crop=cfg.crop, normalise=cfg.normalise)
 
@@ -69,7 +93,9 @@ def site_cases(site: SiteConfig, views: Sequence[View]) -> list[Case]:
     if site.filter:
         cases = filter_cases(cases, site.filter)
     if not cases:
-        raise DataError(site.root, f"site {site.name!r} has no cases for views {list(views)} after its filter")
+        which = f"its filter {dict(site.filter)}" if site.filter else "no filter"
+        raise DataError(site.root, f"site {site.name!r} has no {'/'.join(views)} case with {which}; "
+                                   "check the site's root, filter and views")
     return cases
 
 
@@ -88,7 +114,10 @@ def prepare_case(case: Case, spec: PreprocessSpec, with_labels: bool,
 
 def slice_spacing_mm(path: Path) -> float:
     """The through-plane spacing from the NIfTI header alone (1.0 for a 2D file)."""
-    zooms = nib.load(path).header.get_zooms()
+    try:
+        zooms = nib.load(path).header.get_zooms()
+    except Exception as exc:  # a file that changed since it was read, or a foreign one
+        raise DataError(path, f"unreadable NIfTI header ({type(exc).__name__}: {exc})") from None
     return float(zooms[2]) if len(zooms) > 2 else 1.0
 
 
@@ -107,17 +136,13 @@ def split_subjects(subjects: Sequence[str], fractions: Sequence[float], seed: in
     return groups
 
 
-def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_labels: bool = True,
-                    progress: Callable[[str], None] | None = print, cache_dir: Path | None = None) -> SiteSplit:
-    """Read one site's cases of ``view`` and split them by subject.
+def plan_site_split(site: SiteConfig, view: View, config: Config) -> dict[str, list[Case]]:
+    """Which of the site's ``view`` cases go to train / val / pool / test: the subject split of
+    :func:`load_site_split`, from the file names and metadata alone (no image is read).
 
-    Labelled sites: test subjects (``site.test_fraction``) are held out, the rest is split into
-    training and validation (``train.val_fraction``), after ``site.unlabelled_fraction`` of it has
-    gone to the site's adaptation pool (labels never read). Unlabelled sites: test subjects are held out
-    and the rest is the adaptation pool, whose labels are never read. Test labels are read only
-    for evaluation (``with_test_labels``). ``cache_dir`` keeps preprocessed cases between runs.
+    Raises:
+        DataError: no case, or too few subjects for a labelled site's training/validation split.
     """
-    spec = spec_from_config(config.preprocess)
     cases = site_cases(site, [view])
     subjects = [c.subject for c in cases]
     seed = config.train.seed
@@ -126,7 +151,6 @@ def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_l
     if site.test_fraction > 0:
         rest_group, test_group = split_subjects(subjects, [1 - site.test_fraction, site.test_fraction], seed)
         rest, test_subjects = rest_group, set(test_group)
-    split = SiteSplit(site=site.name, view=view)
     val_subjects: set[str] = set()
     pool_subjects: set[str] = set()
     if site.labelled and site.unlabelled_fraction > 0:
@@ -139,19 +163,55 @@ def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_l
             raise DataError(site.root, f"site {site.name!r} has too few subjects ({len(rest)}) for a "
                                        "training/validation split")
         val_subjects = set(val_group)
-    remap = dict(site.label_remap)
-    for i, case in enumerate(cases):
+    plan: dict[str, list[Case]] = {"train": [], "val": [], "pool": [], "test": []}
+    for case in cases:
         if case.subject in test_subjects:
-            split.test.append(prepare_case(case, spec, with_test_labels, remap, cache_dir))
+            plan["test"].append(case)
         elif site.labelled and case.subject not in pool_subjects:
-            if case.label is None:
-                raise DataError(case.image, f"site {site.name!r} is labelled but this case has no label file")
-            target = split.val if case.subject in val_subjects else split.train
-            target.append(prepare_case(case, spec, True, remap, cache_dir))
+            plan["val" if case.subject in val_subjects else "train"].append(case)
         else:
-            split.pool.append(prepare_case(case, spec, False, cache_dir=cache_dir))
-        if progress and (i + 1) % 50 == 0:
-            progress(f"  {site.name} {view}: prepared {i + 1}/{len(cases)} cases")
+            plan["pool"].append(case)
+    return plan
+
+
+def load_site_split(site: SiteConfig, view: View, config: Config, *, with_test_labels: bool = True,
+                    progress: Callable[[str], None] | None = print, cache_dir: Path | None = None) -> SiteSplit:
+    """Read one site's cases of ``view`` and split them by subject.
+
+    Labelled sites: test subjects (``site.test_fraction``) are held out, the rest is split into
+    training and validation (``train.val_fraction``), after ``site.unlabelled_fraction`` of it has
+    gone to the site's adaptation pool (labels never read). Unlabelled sites: test subjects are held out
+    and the rest is the adaptation pool, whose labels are never read. Test labels are read only
+    for evaluation (``with_test_labels``). ``cache_dir`` keeps preprocessed cases between runs.
+
+    Raises:
+        BadCasesError: every unusable file of the site's ``view`` cases, listed at once (each is read).
+    """
+    spec = spec_from_config(config.preprocess)
+    plan = plan_site_split(site, view, config)
+    total = sum(map(len, plan.values()))
+    split = SiteSplit(site=site.name, view=view)
+    remap = dict(site.label_remap)
+    errors: list[DataError] = []
+    done = 0
+    for part, cases in plan.items():
+        for case in cases:
+            try:
+                if part == "test":
+                    item = prepare_case(case, spec, with_test_labels, remap, cache_dir)
+                elif part in ("train", "val"):
+                    if case.label is None:
+                        raise DataError(case.image, f"site {site.name!r} is labelled but this case has no label file")
+                    item = prepare_case(case, spec, True, remap, cache_dir)
+                else:
+                    item = prepare_case(case, spec, False, cache_dir=cache_dir)
+                getattr(split, part).append(item)
+            except DataError as exc:
+                errors.append(exc)
+            done += 1
+            if progress and done % 50 == 0:
+                progress(f"  {site.name} {view}: prepared {done}/{total} cases")
+    raise_collected(errors, f"unusable {view} case file(s) at site {site.name!r}")
     labelled = split.train + split.val
     if labelled and not any(np.any(c.labels) for c in labelled):
         raise DataError(site.root, f"every {view} label map of the labelled site {site.name!r} is empty (all 0): "

@@ -51,30 +51,55 @@ def score_labels(pred: np.ndarray, ref: np.ndarray, spacing_xyz_mm: Sequence[flo
             {CLASS_NAMES[c]: float(v) for c, v in zip(classes, h)})
 
 
+LABEL_HINT = ("fedqc evaluate reads labels as M&Ms-2 stores them (0 background, 1 LV, 2 MYO, 3 RV) and has no "
+              "remap option: convert the label files first (ACDC, for one, swaps 1 and 3)")
+
+
 def evaluate_predictions(data_dir: Path, pred_dir: Path, cases: Iterable[Case] | None = None,
-                         progress: Callable[[str], None] | None = print) -> list[CaseResult]:
-    """Score every labelled case of ``data_dir`` that has a prediction in ``pred_dir``."""
+                         progress: Callable[[str], None] | None = print,
+                         failures: list[DataError] | None = None) -> list[CaseResult]:
+    """Score every labelled case of ``data_dir`` that has a prediction in ``pred_dir``.
+
+    A case whose image, label or prediction cannot be read is skipped and the others scored; with
+    ``failures`` given, each such case's :class:`DataError` is appended to it, otherwise they are
+    raised together at the end (:class:`fedqc.data.site.BadCasesError`).
+    """
+    from fedqc.data.site import raise_collected
+
     cases = [c for c in (cases if cases is not None else discover_cases(data_dir)) if c.label is not None]
     if not cases:
         raise DataError(data_dir, "no labelled cases (*_gt.nii.gz) to evaluate against")
-    results, missing = [], []
+    results, missing, bad = [], [], []
     for i, case in enumerate(cases):
         path = pred_path(pred_dir, case)
         if not path.exists():
             missing.append(case.case_id)
             continue
-        image = load_image(case.image)
-        ref = load_label(case.label, image)
-        pred = load_label(path, image)
+        try:
+            image = load_image(case.image)
+            ref = _label(case.label, image)
+            pred = _label(path, image)
+        except DataError as exc:
+            bad.append(exc)
+            continue
         d, h = score_labels(pred, ref, image.spacing_mm)
         results.append(CaseResult(case.case_id, case.subject, case.view, case.phase, dict(case.meta), d, h))
         if progress and (i + 1) % 50 == 0:
             progress(f"  evaluated {i + 1}/{len(cases)} cases")
-    if not results:
-        raise DataError(pred_dir, f"no predictions (*_pred.nii.gz) found for the {len(cases)} labelled cases")
     if missing and progress:
         progress(f"  note: {len(missing)} labelled cases have no prediction (e.g. {missing[0]})")
+    if failures is not None:
+        failures.extend(bad)
+    elif bad:
+        raise_collected(bad, "case(s) could not be evaluated")
+    if not results and not bad:
+        raise DataError(pred_dir, f"no predictions (*_pred.nii.gz) found for the {len(cases)} labelled cases")
     return results
+
+
+def _label(path: Path, image):
+    """A label (or prediction) map; values outside 0..3 get a hint that fits this command."""
+    return load_label(path, image, hint=LABEL_HINT)
 
 
 def summarise(results: Sequence[CaseResult], structure: str = "RV") -> dict:

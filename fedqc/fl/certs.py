@@ -1,9 +1,14 @@
 """A consortium CA, the SuperLink's certificate and site keys, with the ``cryptography`` package.
 
-For tests and for the coordinator's how-to (``python -m fedqc.fl.certs OUT_DIR --host server.example.org``).
-The server certificate's SAN always holds ``IP:127.0.0.1`` and ``DNS:localhost`` plus the given
-hosts; site keys are OpenSSH ECDSA P-384 (what SuperNode authentication accepts; PEM EC keys are
-refused by Flower). Private keys are written 0600 and never printed.
+For tests and for the coordinator's how-to (``python -m fedqc.fl.certs OUT_DIR --host server.example.org``,
+see ``server/README.md``). It writes ``ca.crt`` (public: every site gets a copy), ``ca.key`` (signs
+certificates: keep it offline with the consortium's administrator, never on a site and not needed by
+the SuperLink), ``server.crt`` and ``server.key`` (the SuperLink's). The server certificate's SAN
+always holds ``IP:127.0.0.1`` and ``DNS:localhost`` plus the given hosts; site keys (``--site``,
+``OUT/keys/<name>`` and ``.pub``) are OpenSSH ECDSA P-384 (what SuperNode authentication accepts;
+PEM EC keys are refused by Flower). Private keys are written 0600 and never printed. The command
+refuses to replace an existing CA or key unless ``--force``: a new CA makes every site's copy of
+``ca.crt`` stop matching.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,16 +102,38 @@ def make_site_key(out_dir: Path, site_id: str) -> tuple[Path, Path]:
     return private, public
 
 
+TLS_NAMES = ("ca.crt", "ca.key", "server.crt", "server.key")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fedqc.fl.certs OUT [--host H ...] [--site NAME ...]``."""
-    parser = argparse.ArgumentParser(description="Create a CA, a SuperLink certificate and site keys.")
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--host", action="append", default=[], help="SuperLink host name or IP (repeatable)")
-    parser.add_argument("--site", action="append", default=[], help="site name to create a key for (repeatable)")
+    """``python -m fedqc.fl.certs OUT [--host H ...] [--site NAME ...] [--force]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fedqc.fl.certs",
+        description="Create a consortium CA (ca.crt, ca.key), the SuperLink's certificate (server.crt, "
+                    "server.key) and, with --site, test site keys (OUT/keys/NAME, OUT/keys/NAME.pub).")
+    parser.add_argument("out", type=Path, help="folder for the files (created)")
+    parser.add_argument("--host", action="append", default=[],
+                        help="SuperLink host name or IP the sites use (repeatable; 127.0.0.1 and localhost always)")
+    parser.add_argument("--site", action="append", default=[],
+                        help="also make an OpenSSH ECDSA key pair for this site (repeatable; for tests and "
+                             "demos: a hospital makes its own with ssh-keygen)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing CA, server certificate or site key (every site then needs the "
+                             "new ca.crt)")
     args = parser.parse_args(argv)
+    existing = [args.out / name for name in TLS_NAMES if (args.out / name).exists()]
+    existing += [args.out / "keys" / name for site in args.site for name in (site, f"{site}.pub")
+                 if (args.out / "keys" / name).exists()]
+    if existing and not args.force:
+        print(f"error: {', '.join(map(str, existing))} already exist(s); replacing the CA makes every site's copy of "
+              "ca.crt stop matching (and a site's key its registration): nothing was written; pass --force to "
+              "replace them", file=sys.stderr)
+        return 2
     tls = make_tls_files(args.out, args.host)
-    print(f"CA certificate (give to every site): {tls.ca_cert}")
-    print(f"SuperLink certificate and key: {tls.server_cert}, {tls.server_key}")
+    print(f"CA certificate (public; give a copy to every site): {tls.ca_cert}")
+    print(f"CA private key: {args.out / 'ca.key'} (signs certificates: keep it offline with the consortium's "
+          "administrator; never copy it to a site; the SuperLink does not need it)")
+    print(f"SuperLink certificate and key (server.yaml tls:): {tls.server_cert}, {tls.server_key}")
     for site in args.site:
         private, public = make_site_key(args.out / "keys", site)
         print(f"site {site}: private key {private} (stays at the site), public key {public} (to the coordinator)")

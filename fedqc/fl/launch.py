@@ -8,9 +8,15 @@
   ServerApp fails).
 * :class:`SuperNode`: ``flower-supernode`` for one site, node config from a TOML file in the
   site's work dir, Flower home ``WORK/.flwr``.
-* :func:`run_server` / :func:`run_client`: the two commands, returning an exit code.
+* :func:`run_server` / :func:`run_client`: the two commands, returning an exit code. The server
+  locks its run directory (:class:`RunLock`), shows Flower's progress without tracebacks
+  (:class:`TerminalFilter`; the log keeps everything) and ends with one line saying what happened
+  and what to do (:func:`outcome_line`). The client follows its SuperNode's log and says on the
+  terminal when it joins, loses or regains the coordinator, and why it stopped
+  (:func:`explain_supernode_exit`); the first connection has a deadline.
 
-Every process is stopped by PID with its descendants (:mod:`fedqc.fl.processes`).
+Every process is stopped by PID with its descendants (:mod:`fedqc.fl.processes`), also when the
+commands get SIGTERM or SIGHUP (:func:`fedqc.fl.processes.stop_on_signals`, installed by the CLI).
 """
 
 from __future__ import annotations
@@ -25,15 +31,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 
 from fedqc.core.errors import ConfigError, FedqcError
 from fedqc.fl import appdir, processes, run_state
 from fedqc.fl.settings import ClientSettings, ServerSettings
 
 CONNECTION = "fedqc"
+LOCK = ".lock"  # RUN/.lock: held by the coordinator using the run directory
 QUIET_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
              "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+ALREADY_REGISTERED = "[code: 23]"  # flwr supernode register: "Public key already in use"
 INSECURE_WARNING = "WARNING: --insecure: no TLS, traffic is readable on the network; use on loopback for tests only"
 Echo = Callable[[str], None]
 
@@ -57,19 +65,70 @@ def flower_env(home: Path) -> dict[str, str]:
     return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home), "PATH": path}
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes (Flower colours its log levels)."""
+    return ANSI.sub("", text)
+
+
+class TerminalFilter:
+    """Which lines of ``flwr run --stream`` reach the terminal: all but tracebacks and Flower's exit-code
+    blurbs (the log file keeps every line). The federation's outcome is then said in one line
+    (:func:`outcome_line`)."""
+
+    _BLURB = ("ServerApp raised an exception", "An unhandled exception occurred", "For more information, visit:")
+
+    def __init__(self) -> None:
+        self._state = "normal"  # "traceback": inside one; "after": its exception line was seen
+        self._after_exit_code = False
+
+    def __call__(self, line: str) -> bool:
+        text = plain(line).rstrip("\n")
+        if text.startswith("Traceback (most recent call last):"):
+            self._state = "traceback"
+            return False
+        if self._state == "traceback":
+            if not text.strip() or text[0].isspace():
+                return False
+            self._state = "after"  # the exception line: the outcome line says it once
+            return False
+        if self._state == "after":
+            if not text.strip() or text[0].isspace() or text.startswith(("During handling", "The above exception")):
+                return False  # a multi-line message, or the link to a chained traceback
+            self._state = "normal"
+        if re.search(r"Exit Code: \d+", text):
+            self._after_exit_code = True
+            return False
+        if any(marker in text for marker in self._BLURB):
+            return False
+        if self._after_exit_code and not text.strip():
+            return False
+        self._after_exit_code = False
+        return True
+
+
 class _Daemon:
     """A Flower daemon we started: a context manager that stops it and its children by PID."""
 
     proc: subprocess.Popen | None
     stopped_pids: list[int]
+    seen_children: list[int]
 
     def start(self) -> Self:
         raise NotImplementedError
 
+    def remember_children(self) -> None:
+        """Note the daemon's descendants now, so that they are stopped even if the daemon dies first."""
+        if self.proc is not None and self.proc.poll() is None:
+            seen = getattr(self, "seen_children", [])
+            self.seen_children = seen + [p for p in processes.descendants(self.proc.pid) if p not in seen]
+
     def stop(self) -> None:
         """Stop the daemon and its children (e.g. its flower-superexec) by PID."""
         if self.proc is not None:
-            self.stopped_pids = processes.stop_tree(self.proc)
+            self.stopped_pids = processes.stop_tree(self.proc, known=getattr(self, "seen_children", []))
 
     def __enter__(self) -> Self:
         return self.start()
@@ -128,12 +187,34 @@ class SuperLink(_Daemon):
         try:
             processes.wait_for_port(self.address.split(":")[0], self.settings.port, self.settings.startup_timeout_s,
                                     self.proc, self.log_path)
-            for key in self.settings.site_public_keys:
-                self.flwr(["supernode", "register", str(Path(key).resolve()), CONNECTION], check=True)
+            self._register_site_keys()
+        except processes.ProcessError as exc:
+            self.stop()
+            lines = [plain(x).strip() for x in str(exc).splitlines() if x.strip()]
+            errors = [x for x in lines[1:] if re.search(r"error|Error|ERROR|denied|No such file", x)]
+            raise FedqcError(f"the SuperLink did not start: {lines[0]}"
+                             + (f" ({errors[-1]})" if errors else "")
+                             + f"; check host, port and the tls files in server.yaml; its log: {self.log_path}") from None
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _register_site_keys(self) -> None:
+        """Allow-list every site key. A key this SuperLink's database already holds (a resumed run: same
+        ``RUN/.flwr/state.db``) is answered with Flower's code 23, "Public key already in use": it is
+        registered, and its site keeps its SuperNode identity, so that answer is accepted."""
+        for key in self.settings.site_public_keys:
+            path = Path(key).resolve()
+            result = self.flwr(["supernode", "register", str(path), CONNECTION])
+            if result.returncode == 0:
+                continue
+            text = result.stdout + result.stderr
+            if ALREADY_REGISTERED in text:
+                continue
+            problem = next((line.strip(" │╭╮╰╯─") for line in text.splitlines() if "[code:" in line), text[-300:])
+            raise FedqcError(f"the SuperLink refused the site key {path}: {problem.strip()}; keys must be "
+                             "OpenSSH ECDSA public keys (ssh-keygen -t ecdsa -b 384), see server/README.md")
 
     def _write_connection(self) -> None:
         lines = [f"[superlink.{CONNECTION}]", f'address = "{self.address}"']
@@ -165,7 +246,7 @@ class SuperLink(_Daemon):
         lines: queue.Queue[str | None] = queue.Queue()
         reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)], daemon=True)
         reader.start()
-        run_id, started = "", time.monotonic()
+        run_id, started, shown, seen_at = "", time.monotonic(), TerminalFilter(), 0.0
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             with os.fdopen(fd, "a") as log_file:
@@ -179,10 +260,14 @@ class SuperLink(_Daemon):
                     if line:
                         log_file.write(line)
                         log_file.flush()
-                        echo(line.rstrip("\n"))
+                        if shown(line):
+                            echo(line.rstrip("\n"))
                         run_id = run_id or next(iter(re.findall(r"started run (\d+)", line)), "")
                     if max_seconds and time.monotonic() - started > max_seconds:
                         raise FedqcError(f"the run took longer than {max_seconds:.0f} s; stopped")
+                    if time.monotonic() - seen_at > 3:
+                        self.remember_children()
+                        seen_at = time.monotonic()
                     if self.proc is not None and self.proc.poll() is not None:
                         raise FedqcError(f"the SuperLink exited ({self.proc.returncode}); see {self.log_path}")
         except BaseException:
@@ -261,9 +346,93 @@ class SuperNode(_Daemon):
 
 
 
+class RunLock:
+    """An exclusive lock on a run directory (``RUN/.lock``, ``fcntl.flock``) held while a coordinator uses it.
+
+    Taken before anything else in the folder is written; a second coordinator on the same folder is
+    refused with the PID that holds it. The lock goes with the process (also on ``kill -9``), so a
+    crashed coordinator never leaves a stale one. Re-entrant within one process.
+    """
+
+    _held: ClassVar[dict[Path, list]] = {}  # run dir -> [fd, depth]
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir).resolve()
+        self.path = self.run_dir / LOCK
+
+    def __enter__(self) -> Self:
+        import fcntl
+
+        held = RunLock._held.get(self.run_dir)
+        if held is not None:
+            held[1] += 1
+            return self
+        run_state.private_dir(self.run_dir)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FedqcError(f"{self.run_dir} is in use by another fedqc-server (PID {holder}, lock {self.path}); "
+                             "stop that one first, or give this run another run_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        RunLock._held[self.run_dir] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        held = RunLock._held[self.run_dir]
+        held[1] -= 1
+        if held[1] == 0:
+            del RunLock._held[self.run_dir]
+            os.close(held[0])  # releases the flock; the file stays (an empty lock file is harmless)
+
+
+def resume_hint(config_path: str | Path | None, run_dir: Path) -> str:
+    """The command that continues this run (that starts it again when no round was saved yet)."""
+    config = f"--config {config_path} " if config_path is not None else ""
+    if not (Path(run_dir) / run_state.STATE).is_file():
+        return f"fedqc-server {config}--run-dir {run_dir} (no round was saved: it starts from the beginning)"
+    return f"fedqc-server {config}--run-dir {run_dir} --resume"
+
+
+def outcome_line(status: dict, run_dir: Path, config_path: str | Path | None = None) -> str:
+    """What happened to a Flower run, in one line, with what to do when it did not complete."""
+    state = str(status.get("status", "unknown"))
+    if state == "finished:completed":
+        summary_path = run_dir / run_state.SUMMARY
+        summary = run_state.read_json(summary_path) if summary_path.is_file() else {}
+        took = f" in {summary['seconds']:.0f} s" if "seconds" in summary else ""
+        return (f"federation completed: {summary.get('exchanges', '?')} exchanges{took}; "
+                f"results in {run_dir} (summary.json, log.json, checkpoints/)")
+    log_path = run_dir / "logs" / "flwr-run.log"
+    if state == "finished:stopped":
+        return f"federation stopped before it completed; continue with: {resume_hint(config_path, run_dir)}"
+    details = str(status.get("status-details") or "")
+    reason = re.sub(r"^ServerApp failed with exception:\s*", "", details) if details not in ("", "N/A") else ""
+    if not reason:
+        reason = f"the run ended as '{state}' with no reason given"
+    resume = resume_hint(config_path, run_dir)
+    if "required sites connected within" in reason:
+        advice = (f"start the missing sites' fedqc-client (or lower federation.min_sites, raise "
+                  f"federation.timeout_s), then {resume}")
+    elif any(m in reason for m in ("sites answered", "no usable update", "no site returned")):
+        advice = (f"each failed site's reason is in its own log (the site's fedqc-client says it; the "
+                  f"coordinator only learns the exception type); fix the sites, then {resume}")
+    elif "ServerApp failed" in details:
+        advice = f"an error in the coordinator's own code; send {log_path} to the fedqc maintainers"
+    else:
+        advice = f"read {log_path}, then {resume}"
+    return f"federation failed: {reason.rstrip('.')}. What to do: {advice} (traceback and Flower log: {log_path})"
+
+
 def run_server(config_path: str | Path | None, run_dir: str | Path, insecure: bool, *, settings: ServerSettings,
                resume: bool = False, echo: Echo = print, max_seconds: float | None = None) -> int:
     """fedqc-server: start a SuperLink, run the protocol as a Flower run, stop; 0 when it completed.
+
+    The run directory is locked (:class:`RunLock`) before anything in it is written.
 
     Args:
         config_path: the server YAML (copied into the run directory for the record), or None.
@@ -273,45 +442,186 @@ def run_server(config_path: str | Path | None, run_dir: str | Path, insecure: bo
         resume: continue from ``RUN/state.json``.
         echo: where progress lines go.
         max_seconds: stop the run after this long (None: no limit).
+
+    Returns:
+        0 completed, 1 failed (the reason and what to do said in one line), 128 + signal when
+        interrupted (Ctrl-C, SIGTERM, SIGHUP: the run and every process it started are stopped).
     """
-    run_dir = run_state.private_dir(Path(run_dir).resolve())
+    run_dir = Path(run_dir).resolve()
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr)
-    if resume and not (run_dir / run_state.STATE).is_file():
-        raise FedqcError(f"{run_dir}: nothing to resume (no {run_state.STATE})")
-    if config_path is not None:
-        run_state.atomic_write(run_dir / "server.yaml", Path(config_path).read_bytes())
-    settings.federation.to_json(run_dir / "federation.json")
-    app = appdir.write_app(run_dir, appdir.run_config(settings.federation, run_dir, resume=resume))
-    try:
-        with SuperLink(run_dir, settings, insecure) as link:
-            run_id = link.submit(app, echo=echo, max_seconds=max_seconds)
-            status = link.status(run_id)
-    except KeyboardInterrupt:
-        echo(f"interrupted: the run and the SuperLink were stopped; continue with --resume {run_dir}")
-        return 130
-    run_state.write_json(run_dir / "flower-run.json", status)
-    echo(f"run {run_id}: {status.get('status')} {status.get('status-details', '')}".rstrip())
-    return 0 if status.get("status") == "finished:completed" else 1
+    with RunLock(run_dir):
+        if resume and not (run_dir / run_state.STATE).is_file():
+            raise FedqcError(f"{run_dir}: nothing to resume (no {run_state.STATE}); start it without --resume")
+        if config_path is not None:
+            run_state.atomic_write(run_dir / "server.yaml", Path(config_path).read_bytes())
+        settings.federation.to_json(run_dir / "federation.json")
+        app = appdir.write_app(run_dir, appdir.run_config(settings.federation, run_dir, resume=resume))
+        try:
+            with SuperLink(run_dir, settings, insecure) as link:
+                run_id = link.submit(app, echo=echo, max_seconds=max_seconds)
+                status = link.status(run_id)
+        except KeyboardInterrupt as exc:
+            why = f"stopped by {exc.args[0]}" if isinstance(exc, processes.Terminated) else "interrupted"
+            echo(f"{why}: the run, the SuperLink and its processes were stopped; continue with: "
+                 f"{resume_hint(config_path, run_dir)}")
+            return getattr(exc, "exit_code", 130)
+        run_state.write_json(run_dir / "flower-run.json", status)
+        echo(outcome_line(status, run_dir, config_path))
+        return 0 if status.get("status") == "finished:completed" else 1
 
 
-def run_client(site_config_path: str | Path | None, insecure: bool, *, settings: ClientSettings) -> int:
-    """fedqc-client: run this site's SuperNode until it stops or Ctrl-C; returns its exit code.
+# What a SuperNode's log says when it could not join or went down, and what to tell the site.
+def explain_supernode_exit(log_text: str, settings: ClientSettings, insecure: bool, code: int | None,
+                           log_path: Path, lost_connection: bool = False) -> str:
+    """One line for the site's operator: why the SuperNode stopped and what to do.
+
+    ``lost_connection``: it had joined, lost the coordinator, and stopped while reconnecting: what a
+    SuperNode does when the coordinator comes back with a new federation (its heartbeat is refused,
+    HTTP 401, sometimes without a word in the log).
+    """
+    text = plain(log_text)
+    where = f"the coordinator at {settings.superlink}"
+    key = settings.private_key
+    verify = re.search(r"certificate verify failed: ([^\n(]+)", text)
+    if verify or "CERTIFICATE_VERIFY_FAILED" in text:
+        detail = verify.group(1).strip() if verify else "certificate verify failed"
+        if "mismatch" in detail:
+            return (f"{where} presented a certificate that does not name this host ({detail}): use the host "
+                    "name the coordinator's certificate holds in superlink, or ask the coordinator for a "
+                    "certificate that names it (python -m fedqc.fl.certs ... --host HOST)")
+        return (f"{where} presented a certificate that your CA certificate does not vouch for ({detail}); "
+                f"ca_cert is {settings.root_certificates}: get the consortium's current ca.crt from the "
+                "coordinator, set ca_cert to it, and start again")
+    if "[code: 2004]" in text:
+        return (f"{where} does not accept this site's key {key} (code 2004: not registered): send "
+                f"{key}.pub to the coordinator to be listed under site_keys in their server.yaml, then start "
+                "again")
+    if "[code: 2001]" in text:
+        return (f"{where} only admits registered sites, and this site has no key (code 2001): make one "
+                "(mkdir -p keys && ssh-keygen -t ecdsa -b 384 -N \"\" -f keys/SITE), set private_key in "
+                "site.yaml, send keys/SITE.pub to the coordinator, and start again")
+    if "cannot be parsed" in text or "Exit Code: 600" in text:
+        return f"the coordinator address '{settings.superlink}' cannot be parsed: set superlink to HOST:PORT"
+    if "401 Unauthorized" in text or (lost_connection and "Giving up reconnection" not in text):
+        return (f"{where} no longer knows this SuperNode: the coordinator was restarted with a new "
+                "federation (not resumed); start fedqc-client again to join it")
+    if "Giving up reconnection" in text or "Connection refused" in text or "Errno 111" in text:
+        given_up = re.search(r"Giving up reconnection after ([\d.]+) seconds", text)
+        after = f" after {float(given_up.group(1)):.0f} s" if given_up else ""
+        return (f"cannot reach {where}{after}: check superlink (host and port) in site.yaml, that "
+                "fedqc-server runs there, and that no firewall blocks the port")
+    if "SSL" in text or "TLS" in text:
+        line = next((x for x in reversed(text.splitlines()) if "SSL" in x or "TLS" in x), "")
+        hint = " (this site runs --insecure: the coordinator uses TLS?)" if insecure else ""
+        return f"the TLS connection to {where} failed: {line.strip()}{hint}"
+    errors = [x.strip() for x in text.splitlines() if re.search(r"Error|ERROR|Exception|failed", x)]
+    last = errors[-1] if errors else "no reason in its log"
+    return f"the SuperNode stopped (exit {code}): {last}; its log: {log_path}"
+
+
+def _say(line: str) -> None:
+    print(f"fedqc-client: {line}", file=sys.stderr)
+
+
+def run_client(site_config_path: str | Path | None, insecure: bool, *, settings: ClientSettings,
+               echo: Echo = _say, connect_timeout_s: float | None = 300.0) -> int:
+    """fedqc-client: run this site's SuperNode until Ctrl-C / SIGTERM / SIGHUP, saying what it does.
+
+    The SuperNode's log (``WORK/logs/supernode.log``) is followed: joining, losing and regaining the
+    coordinator are said on the terminal; a SuperNode that stops by itself is always a failure
+    (it never ends on its own when all is well), said in one line with what to do
+    (:func:`explain_supernode_exit`).
 
     Args:
         site_config_path: the site YAML, passed to the site factory as node config ``site-config``.
         insecure: connect without TLS (says so loudly).
         settings: the site's connection, keys, work dir and node config.
+        echo: where the operator's lines go (stderr, prefixed ``fedqc-client:``).
+        connect_timeout_s: give up when the first connection has not succeeded after this long
+            (None: wait as long as the SuperNode retries).
+
+    Returns:
+        1 when the SuperNode stopped or could not join, 128 + signal when stopped by a signal.
     """
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr)
     if site_config_path is not None:
         node_config = {**settings.node_config, "site-config": str(Path(site_config_path).resolve())}
         settings = ClientSettings(**{**settings.__dict__, "node_config": node_config})
-    node = SuperNode(settings, insecure).start()
+    node = SuperNode(settings, insecure)
+    offset = start = node.log_path.stat().st_size if node.log_path.is_file() else 0
+    where = f"the coordinator at {settings.superlink}"
+    echo(f"site {settings.site_id}: joining {where} (log: {node.log_path})")
+    started = time.monotonic()
+    connected = lost = retrying = False
     try:
-        return node.proc.wait()
-    except KeyboardInterrupt:
-        return 130
+        node.spawn()
+        polls = 0
+        while True:
+            if polls % 4 == 0:
+                node.remember_children()
+            polls += 1
+            code = node.proc.poll()
+            lines, offset = _new_lines(node.log_path, offset)
+            for line in lines:
+                text = plain(line)
+                if "SuperNode ID:" in text and not connected:
+                    connected = True
+                    echo(f"connected to {where}; waiting for its tasks (Ctrl-C to leave)")
+                elif "Connection attempt failed" in text:
+                    if connected and not lost:
+                        lost = True
+                        echo(f"lost the connection to {where}; reconnecting")
+                    elif not connected and not retrying:
+                        retrying = True
+                        limit = f" for up to {connect_timeout_s:.0f} s" if connect_timeout_s else ""
+                        echo(f"cannot reach {where} yet; retrying{limit}")
+                elif "Connection successful" in text and lost:
+                    lost = False
+                    echo(f"reconnected to {where}")
+                elif re.search(r"site \S+: task \S+ failed", text):
+                    echo(f"a task failed at this site ({text.split(':', 1)[-1].strip()}); the coordinator "
+                         f"is told only the exception type; traceback in {node.log_path}")
+            if code is not None:
+                text = _read_from(node.log_path, start)
+                if connected:  # what happened after it joined
+                    text = text[text.rfind("SuperNode ID:"):]
+                echo("error: " + explain_supernode_exit(text, settings, insecure, code, node.log_path, lost))
+                return 1
+            if not connected and connect_timeout_s and time.monotonic() - started > connect_timeout_s:
+                echo(f"error: cannot reach {where} after {connect_timeout_s:.0f} s: check superlink (host and "
+                     "port) in site.yaml, that fedqc-server runs there, and that no firewall blocks the port"
+                     + (" (this site runs --insecure: does the coordinator use TLS?)" if insecure else ""))
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt as exc:
+        why = f"stopped by {exc.args[0]}" if isinstance(exc, processes.Terminated) else "interrupted"
+        echo(f"{why}: this site's SuperNode was stopped; files in {node.work_dir} are kept")
+        return getattr(exc, "exit_code", 130)
     finally:
         node.stop()
+
+
+def _read_from(path: Path, offset: int, limit: int = 100_000) -> str:
+    """What ``path`` holds after byte ``offset`` (its last ``limit`` bytes at most)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(offset, path.stat().st_size - limit))
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _new_lines(path: Path, offset: int) -> tuple[list[str], int]:
+    """Complete lines appended to ``path`` after byte ``offset``, and the offset after them."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except OSError:
+        return [], offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    return data[:end + 1].decode(errors="replace").splitlines(), offset + end + 1

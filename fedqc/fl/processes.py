@@ -4,21 +4,62 @@ Flower's daemons spawn ``flower-superexec`` children (in their own process group
 ``flwr-serverapp`` / ``flwr-clientapp``. :func:`stop_tree` collects every descendant's PID before
 signalling, asks them all to terminate (deepest first, then the parent), and kills what is still
 alive after a grace period. Nothing is ever matched by name.
+
+:func:`stop_on_signals` turns SIGTERM / SIGHUP (what ``kill``, systemd, ``timeout`` and a closed
+terminal send) into :class:`Terminated`, a ``KeyboardInterrupt``, so the same clean-up that Ctrl-C
+runs (every ``finally`` and context manager, each stopping its process tree) runs for them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 
 class ProcessError(RuntimeError):
     """A child process failed to start or to become ready; the message quotes its log."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop by a signal (SIGTERM, SIGHUP or SIGINT); ``exit_code`` is 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
+    """Within the block, the first of ``signals`` raises :class:`Terminated` in the main thread; later ones
+    are ignored, so a second Ctrl-C or SIGTERM cannot cut the clean-up short (every stop is bounded:
+    SIGTERM, a grace period, SIGKILL). Outside the main thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not raised:
+            raised.append(signum)
+            raise Terminated(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def spawn(command: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path | None = None) -> subprocess.Popen:
@@ -73,14 +114,16 @@ def alive(pid: int) -> bool:
         return True
 
 
-def stop_tree(proc: subprocess.Popen | int, grace_s: float = 10.0) -> list[int]:
+def stop_tree(proc: subprocess.Popen | int, grace_s: float = 10.0, known: Sequence[int] = ()) -> list[int]:
     """Stop a process and all its descendants by PID; returns the PIDs that were signalled.
 
     SIGTERM goes to the descendants (deepest first) and then to the process; whatever still runs
-    after ``grace_s`` gets SIGKILL. A Popen is reaped.
+    after ``grace_s`` gets SIGKILL. A Popen is reaped. ``known``: descendants seen earlier, stopped
+    too when still alive (children of a process that died by itself hang below no PID we hold).
     """
     pid = proc.pid if isinstance(proc, subprocess.Popen) else proc
     pids = descendants(pid) + [pid]
+    pids = [p for p in known if p not in pids and alive(p)] + pids
     for target in pids:
         try:
             os.kill(target, signal.SIGTERM)

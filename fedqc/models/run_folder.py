@@ -9,10 +9,19 @@ RUN/<view>/thresholds/<name>.json       Tukey fences (fedqc.qc.thresholds)
 ```
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a
 half-written checkpoint behind and earlier files stay intact.
+
+What refinement and fences derive from a training belongs to that training: :func:`training_id`
+hashes a view's supervised candidates and autoencoder; the refined ``candidates.json`` and the
+fences record it (``"training"``; :func:`fedqc.predict.folder.write_fences`), :func:`check_refined`
+refuses refined models of another one, and
+:func:`clear_derived` removes what a new ``fedqc train`` makes stale.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,11 +64,66 @@ def has_stage(run: Path, view: View, stage: str) -> bool:
     return (run / view / stage / "candidate_0.pt").is_file()
 
 
+def training_id(run: Path, view: View) -> str:
+    """A short hash of the files of ``view``'s supervised training (candidates and autoencoder)."""
+    folder = run / view
+    paths = sorted((folder / "supervised").glob("candidate_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    digest = hashlib.sha256()
+    for path in [*paths, folder / "qc_autoencoder.pt"]:
+        if path.is_file():
+            digest.update(path.name.encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+# What a training makes stale in its view folder: derived from the previous supervised models.
+DERIVED = ("refined", "thresholds", "refine_log.json")
+
+
+def clear_derived(run: Path, view: View) -> list[Path]:
+    """Remove what was derived from ``view``'s previous training (refined models, fences, refine log)."""
+    removed = []
+    for name in DERIVED:
+        path = run / view / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
+def check_refined(run: Path, view: View) -> None:
+    """Refined models must come from the current supervised training of ``view``.
+
+    Raises:
+        DataError: naming the refined folder, when its ``candidates.json`` records another training
+            (or none).
+    """
+    folder = run / view / "refined"
+    try:
+        info = json.loads((folder / "candidates.json").read_text())
+        recorded = {str(entry.get("training", "")) for entry in info}
+    except (OSError, ValueError, AttributeError, TypeError):
+        recorded = set()
+    current = training_id(run, view)
+    if recorded != {current}:
+        was = ", ".join(sorted(r for r in recorded if r)) or "none recorded"
+        raise DataError(folder, f"refined from another training (training {was}; the supervised models now are "
+                                f"training {current}); rerun 'fedqc refine', or predict with --stage supervised")
+
+
 def load_candidate_states(run: Path, view: View, stage: str) -> list[dict[str, torch.Tensor]]:
     folder = run / view / stage
     paths = sorted(folder.glob("candidate_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     if not paths:
         raise DataError(folder, f"no {stage} checkpoints for view {view}; run 'fedqc train' first")
+    if stage == "refined":
+        check_refined(run, view)
     states = []
     for path in paths:
         try:

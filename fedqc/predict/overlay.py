@@ -19,11 +19,23 @@ from fedqc.core.io import atomic_write  # noqa: E402
 LABEL_CMAP = ListedColormap([(0, 0, 0, 0), (0.9, 0.2, 0.2, 0.55), (0.2, 0.8, 0.2, 0.55), (0.2, 0.4, 1.0, 0.6)])
 
 
-def save_png(fig: plt.Figure, path: Path) -> Path:
+def save_png(fig: plt.Figure, path: Path, dpi: int = 110) -> Path:
     try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
     finally:
         plt.close(fig)
+
+
+def png_bytes(fig: plt.Figure, dpi: int = 80) -> bytes:
+    """The figure as PNG bytes (for embedding in a page), then closed."""
+    import io
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
 
 
 def _middle_slice(stack: np.ndarray, labels: np.ndarray | None) -> int:
@@ -34,13 +46,14 @@ def _middle_slice(stack: np.ndarray, labels: np.ndarray | None) -> int:
 
 
 def overlay_png(path: Path, images: np.ndarray, prediction: np.ndarray, reconstruction: np.ndarray,
-                title: str) -> Path:
+                title: str, dpi: int = 110) -> Path:
     """Image, prediction and QC reconstruction side by side (the paper's Fig. 4), one slice.
 
     Args:
         images: (Z, H, W) network-grid image stack.
         prediction: (Z, H, W) labels predicted by the segmenter.
         reconstruction: (Z, H, W) labels of the QC autoencoder's reconstruction.
+        dpi: resolution (the QC review page's thumbnails use less).
     """
     k = _middle_slice(images, prediction)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
@@ -51,6 +64,6 @@ def overlay_png(path: Path, images: np.ndarray, prediction: np.ndarray, reconstr
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"{title} (slice {k})", fontsize=10)
-    return save_png(fig, path)
+    return save_png(fig, path, dpi=dpi)
 
 

@@ -10,6 +10,7 @@ Replies carry weights and counts only.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,10 +19,14 @@ import torch
 from fedqc.core.device import seed_everything
 from fedqc.core.io import atomic_write
 from fedqc.models.factory import new_autoencoder, new_segmenter
-from fedqc.qc.fences import choose_fences, fences_from_scores, fit_fences
+from fedqc.qc.fences import (
+    choose_fences,
+    fences_from_scores,
+    fit_fences,
+)
 from fedqc.qc.ood import flag_ood
 from fedqc.qc.scoring import score_cases
-from fedqc.qc.thresholds import Thresholds
+from fedqc.qc.thresholds import MIN_VALUES, Thresholds, fence_quartiles
 from fedqc.site.contract import (
     ConfigKey,
     MetricKey,
@@ -29,6 +34,7 @@ from fedqc.site.contract import (
     SiteReply,
     Task,
     candidate_prefix,
+    fence_metric_key,
 )
 from fedqc.site.state import SiteState
 from fedqc.train.stages import autoencoder_round, refine_round, supervised_round
@@ -133,17 +139,41 @@ def evaluate(site: SiteState, weights: dict, config: Mapping[str, Scalar], epoch
 
 
 def _autoencoder_for(site: SiteState, weights: dict, view: str) -> torch.nn.Module:
-    """The frozen autoencoder: from this message (then cached in the work dir) or from the cache."""
+    """The frozen autoencoder: from this message (then cached in the work dir) or from the cache.
+
+    The cache (``WORK/qc_autoencoder/<view>.pt``) is stamped with the run it came from
+    (``<view>.json``: the site's config and the weights' digest, :meth:`SiteState.run_key`); a cache
+    of another run, or one that differs from the autoencoder this run already sent, is refused.
+    """
+    import json
+
+    from fedqc.core.errors import DataError
+
     path = site.work_dir / "qc_autoencoder" / f"{view}.pt"
+    stamp = path.with_suffix(".json")
     prefix = f"ae/{view}/"
     if any(k.startswith(prefix) for k in weights):
         ae = site.load_module(new_autoencoder(site.config), weights, prefix)
         state = {k: v.cpu() for k, v in ae.state_dict().items()}
+        key = site.run_key(view, ae)
         atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(stamp, json.dumps(key, indent=2) + "\n")
+        site.autoencoder_digests[view] = key["ae"]
     elif path.is_file():
         ae = new_autoencoder(site.config)
         ae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         ae = ae.to(site.device)
+        key = site.run_key(view, ae)
+        try:
+            recorded = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            recorded = {}
+        expected = site.autoencoder_digests.get(view, recorded.get("ae"))
+        if recorded.get("config") != key["config"] or key["ae"] != expected:
+            raise DataError(path, f"the cached QC autoencoder for {view} belongs to another run (recorded "
+                                  f"{recorded or 'nothing'}, this run {key}); the coordinator must send "
+                                  "this run's autoencoder")
+        site.autoencoder_digests[view] = key["ae"]
     else:
         raise KeyError(f"the frozen QC autoencoder for {view} is neither in the message nor cached at this site")
     for p in ae.parameters():
@@ -156,16 +186,39 @@ def _candidates(site: SiteState, weights: dict, view: str, m: int) -> list[torch
             for i in range(m)]
 
 
-def site_fences(site: SiteState, view: str, models, ae, pool_scores=None) -> Thresholds:
-    """The site's fences for ``view`` (:func:`fedqc.qc.fences.choose_fences`), fitted once and kept
-    in its work dir: its own labelled validation cases or its own pool.
+def site_fences(site: SiteState, view: str, models, ae, pool_scores=None,
+                consortium: Thresholds | None = None) -> Thresholds:
+    """The site's fences for ``view`` (:func:`fedqc.qc.fences.choose_fences`), chosen once per run and
+    kept in its work dir: the consortium's (sent by the coordinator; a labelled site without them
+    fits its own validation cases) or its own pool's. Beside consortium fences the site keeps the
+    fences its own pool would give (``<view>.own-pool.json``), for comparison; they never leave it.
+
+    The fences belong to one run: their JSON records the run key (:meth:`SiteState.run_key`: the
+    site's config and the frozen autoencoder's digest) and the candidates' digest they were fitted
+    with. Fences recorded under another key (an earlier federation), or under none, are refitted
+    and the site's log says so; fences of this run are reused in its later rounds and after a restart.
 
     ``pool_scores``: the pool's scores under these models when the caller has them already (they
     are reused when the fences come from the pool, saving a scoring pass).
     """
+    import logging
+
+    from fedqc.predict.folder import fences_key, write_fences
+    from fedqc.site.state import state_digest
+
+    logger = logging.getLogger("fedqc.site")
     path = site.work_dir / "thresholds" / f"{view}.json"
+    key = site.run_key(view, ae)
     if path.is_file():
-        return Thresholds.from_json(path)
+        recorded = fences_key(path)
+        if {k: recorded.get(k) for k in key} == key:
+            site.fences_checked[view] = recorded
+            return Thresholds.from_json(path)
+        differs = [k for k in key if recorded.get(k) != key[k]]
+        logger.warning("site %s %s: the fences in %s were fitted in another run (%s); refitting them for this run",
+                       site.site.name, view, path,
+                       "no run recorded" if not recorded else ", ".join(
+                           f"{k} {recorded.get(k)} != {key[k]}" for k in differs))
     split, qc = site.split(view), site.config.qc
 
     def own_pool() -> Thresholds:
@@ -173,13 +226,49 @@ def site_fences(site: SiteState, view: str, models, ae, pool_scores=None) -> Thr
             return fences_from_scores(pool_scores, qc.tukey_factor, "unlabelled")
         return fit_fences(site.config, models, ae, split.pool, "unlabelled", site.device)
 
-    th = choose_fences(qc.threshold_source,
-                       labelled_val=(lambda: fit_fences(site.config, models, ae, split.val, "labelled-val",
-                                                        site.device)) if split.val else None,
-                       unlabelled=own_pool if split.pool else None, where=f"site {site.site.name} {view}")
+    if consortium is not None:
+        given = lambda: consortium  # noqa: E731
+    elif split.val:
+        given = lambda: fit_fences(site.config, models, ae, split.val, "consortium (this site)",  # noqa: E731
+                                   site.device)
+    else:
+        given = None
+    th = choose_fences(qc.threshold_source, labelled_val=given, unlabelled=own_pool if split.pool else None,
+                       where=f"site {site.site.name} {view}")
+    record = {**key, "candidates": state_digest(list(models))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    th.to_json(path)
+    write_fences(path, th, record)
+    if th.source.startswith("consortium") and len(split.pool) >= MIN_VALUES:
+        write_fences(path.with_name(f"{view}.own-pool.json"), own_pool(), record)
+    site.fences_checked[view] = record
+    logger.info("site %s %s: fences fitted for this run (%s) -> %s", site.site.name, view, record, path)
     return th
+
+
+def consortium_fences(config: Mapping[str, Scalar], view: str) -> Thresholds | None:
+    """The consortium's fences of ``view`` from a REFINE / PREDICT message, when it carries them."""
+    raw = config.get(ConfigKey.CONSORTIUM_FENCES)
+    if not raw:
+        return None
+    entry = json.loads(str(raw)).get(view)
+    return Thresholds(**entry) if entry else None
+
+
+def fences(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
+    """FENCES: a labelled site's quartiles of the best candidate's pDC / pHD on its validation cases,
+    per view, and their count; scalars only (the per-case scores stay here)."""
+    m = int(config.get(ConfigKey.NUM_CANDIDATES, 1))
+    metrics: dict[str, Scalar] = {M.NUM_CASES.value: 0}
+    for view in site.config.views:
+        val = site.split(view).val if site.site.labelled else []
+        if len(val) < MIN_VALUES:
+            continue
+        models = _candidates(site, weights, view, m)
+        ae = _autoencoder_for(site, weights, view)
+        quartiles = fence_quartiles(fit_fences(site.config, models, ae, val, "consortium", site.device))
+        metrics.update({fence_metric_key(view, k): v for k, v in quartiles.items()})
+        metrics[M.NUM_CASES.value] = int(metrics[M.NUM_CASES.value]) + len(val)
+    return SiteReply(metrics=metrics)
 
 
 def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
@@ -189,15 +278,16 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
     m = int(config.get(ConfigKey.NUM_CANDIDATES, 1))
     alpha = float(config.get(ConfigKey.ALPHA, 1.0))
     k = int(config.get(ConfigKey.PHASE_ROUND, 1))
+    control = bool(config.get(ConfigKey.CONTROL, False))  # M+sup: the supervised share only, nothing flagged
     out, n_cases, n_flagged, n_examples, n_labelled, semi, sup = {}, 0, 0, 0, 0, [], []
     for view in site.config.views:
         models = _candidates(site, weights, view, m)
         ae = _autoencoder_for(site, weights, view)
-        pool = site.split(view).pool
+        pool = [] if control else site.split(view).pool
         flagged = []
         if pool:
             scores = score_cases(models, ae, pool, site.config.qc, site.device)
-            th = site_fences(site, view, models, ae, pool_scores=scores)
+            th = site_fences(site, view, models, ae, pool_scores=scores, consortium=consortium_fences(config, view))
             flagged = [c for c, f in zip(pool, flag_ood(scores.pdc, scores.phd, th)) if f]
         n_cases += len(pool)
         n_flagged += len(flagged)
@@ -223,10 +313,15 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
 
 
 def predict(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
-    """QC-based selection on every case of the site; files stay in ``WORK/predictions``."""
-    from fedqc.core.io import csv_text
+    """QC-based selection on every case of the site; files stay in ``WORK/predictions``: the
+    predictions, ``qc.csv`` and the QC review page ``qc.html`` (Dice where labels may be read: a
+    labelled site). Files an earlier run left there are removed. A bad case does not stop the
+    others; they are all written, then the failures are raised together
+    (:class:`fedqc.predict.folder.PredictionErrors`)."""
+    import logging
+
     from fedqc.data.site import site_cases
-    from fedqc.predict.folder import predict_cases
+    from fedqc.predict.folder import PredictionErrors, finish_predictions, predict_cases
 
     m = int(config.get(ConfigKey.NUM_CANDIDATES, 1))
     out_dir = site.work_dir / "predictions"
@@ -234,9 +329,15 @@ def predict(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs
     for view in site.config.views:
         models = _candidates(site, weights, view, m)
         ae = _autoencoder_for(site, weights, view)
-        th = site_fences(site, view, models, ae)
+        th = site_fences(site, view, models, ae, consortium=consortium_fences(config, view))
         cases = site_cases(site.site, [view])
-        rows += predict_cases(site.config, models, ae, cases, th, out_dir, site.device, progress=None)
-    atomic_write(out_dir / "qc.csv", csv_text(rows))
+        rows += predict_cases(site.config, models, ae, cases, th, out_dir, site.device, progress=None,
+                              with_dice=site.site.labelled)
+    removed = finish_predictions(out_dir, rows, title=f"QC review: site {site.site.name}", progress=None)
+    if removed:
+        logging.getLogger("fedqc.site").warning("site %s: removed %d files of an earlier run's predictions "
+                                                "from %s", site.site.name, len(removed), out_dir)
+    if any(r["error"] for r in rows):
+        raise PredictionErrors(out_dir, rows)
     flagged = sum(1 for r in rows if r["ood"])
     return SiteReply(metrics={M.NUM_CASES.value: len(rows), M.NUM_FLAGGED.value: flagged})
