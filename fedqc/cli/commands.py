@@ -60,9 +60,8 @@ def train_command(config_path: Path, run: Path, overrides=None) -> int:
     from fedqc.predict.folder import write_fences
     from fedqc.qc.fences import fit_fences
     from fedqc.qc.thresholds import ThresholdFitError
-    from fedqc.train.stages import train_supervised
-    from fedqc.train.supervised import view_passes
-
+    from fedqc.train.stages import consortium_passes, train_supervised
+    
     config = load_config(config_path, overrides)
     if not config.labelled_sites:
         raise FedqcError("no site is labelled: set 'labelled: true' on at least one site to train")
@@ -87,8 +86,7 @@ def train_command(config_path: Path, run: Path, overrides=None) -> int:
             print(f"[{view}] removed what the earlier training in {run} left and this one makes stale: "
                   f"{', '.join(p.name for p in removed)} (rerun 'fedqc refine' after training)")
     save_config(run, config)
-    passes = view_passes({view: sum(len(c.images) for s in splits for c in s.train)
-                          for view, splits in prepared.items()})
+    passes = consortium_passes(prepared)
     for view, splits in prepared.items():
         start = time.perf_counter()
         train = [c for s in splits for c in s.train]

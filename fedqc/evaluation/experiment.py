@@ -33,8 +33,7 @@ from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 from fedqc.qc.fences import choose_fences, fit_fences
 from fedqc.qc.ood import flag_ood
 from fedqc.qc.scoring import score_cases
-from fedqc.train.stages import refine, train_supervised
-from fedqc.train.supervised import view_passes
+from fedqc.train.stages import consortium_passes, refine, train_supervised
 
 
 def _flag_quality(scores, th, true_dice: np.ndarray) -> dict:
@@ -49,8 +48,7 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
     device = select_device(config.train.device)
     result: dict = {"seed": seed, "views": {}}
     prepared = {view: [load_site_split(site, view, config) for site in config.sites] for view in config.views}
-    passes = view_passes({view: sum(len(c.images) for s in splits for c in s.train)
-                          for view, splits in prepared.items()})
+    passes = consortium_passes(prepared)
     for view, splits in prepared.items():
         t0 = time.perf_counter()
         train = [c for s in splits for c in s.train]

@@ -48,6 +48,7 @@ from fedqc.train.supervised import (
     nnunet_optimiser,
     train_epochs,
     train_segmenter,
+    view_passes,
 )
 
 Progress = Callable[[str], None] | None
@@ -59,6 +60,12 @@ def optimiser_config(config: Config) -> OptimiserConfig:
     if config.train.optimiser == "sgd":
         return dataclasses.replace(nnunet_optimiser(), weight_decay=config.train.weight_decay)
     return OptimiserConfig(kind="adam", weight_decay=config.train.weight_decay)
+
+
+def consortium_passes(splits_by_view: Mapping[str, Sequence]) -> dict[str, int]:
+    """:func:`fedqc.train.supervised.view_passes` over the training slices of every site's split per view."""
+    return view_passes({view: sum(len(c.images) for s in splits for c in s.train)
+                        for view, splits in splits_by_view.items()})
 
 
 def refine_optimiser(config: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
