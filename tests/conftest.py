@@ -8,8 +8,62 @@ from pathlib import Path
 import pytest
 import yaml
 
-# Tests run on 2 cores next to other processes: one torch thread each keeps them predictable.
+# Tests run on 2 cores next to other processes: one torch thread each keeps them predictable. Two
+# pytest-xdist workers (pyproject's addopts) with two threads each contend badly; child processes
+# (fedqc commands, Flower's SuperNodes and ClientApps, Ray workers) inherit the setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Session fixtures that build something expensive: under pytest-xdist (``-n 2 --dist loadgroup``,
+# pyproject's addopts) the tests using one run on one worker, so it is built once, not once per worker.
+SHARED_SESSION_FIXTURES = {"trained", "fedprox_run", "audited_run", "failed_then_resumed_run"}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(config, items):
+    """Under xdist: modules with slow tests first, and tests grouped by the expensive fixtures they
+    share: the session fixtures above and every module or class scoped fixture of the suite
+    (``xdist_group`` marks; an explicit mark is kept)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Each worker keeps a few tests queued: the long ones must start early, the quick ones fill
+        # the end. Stable, and modules stay contiguous (every worker sorts alike, as xdist requires).
+        slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow_modules)
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            shared = _shared_fixtures(item)
+            if shared:
+                item.add_marker(pytest.mark.xdist_group(min(shared)))
+    result = yield  # xdist's worker hook turns each mark into a ``@group`` suffix of the node id here
+    if getattr(config.option, "loadgroup", False):
+        _group_suffix_fallback(items)
+    return result
+
+
+def _shared_fixtures(item) -> set[str]:
+    fixture_info = getattr(item, "_fixtureinfo", None)
+    shared = set()
+    for name in getattr(item, "fixturenames", ()):
+        defs = fixture_info.name2fixturedefs.get(name) if fixture_info else None
+        if name in SHARED_SESSION_FIXTURES:
+            shared.add(name)
+        elif defs and defs[-1].scope in ("module", "class") and defs[-1].baseid:
+            shared.add(f"{item.path.stem}.{name}")
+    return shared
+
+
+def _group_suffix_fallback(items) -> None:
+    """pytest-xdist <= 3.8 sets ``item._nodeid``, which pytest >= 9.2 no longer reads (structured node
+    ids), so ``--dist loadgroup`` silently stops grouping (pytest-dev/pytest-xdist#1386). Add the same
+    ``@group`` suffix where xdist's did not take; does nothing once xdist's does."""
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # an older pytest: xdist's own suffix works there
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        if names and "@" not in item.nodeid and isinstance(getattr(item, "_id", None), NodeId):
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
 
 
 @pytest.fixture(autouse=True)

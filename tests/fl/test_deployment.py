@@ -1,8 +1,9 @@
-"""Deployment on loopback: a real SuperLink and real SuperNodes, insecure and with TLS + site keys.
+"""Deployment on loopback: a real SuperLink and real SuperNodes with TLS + site keys.
 
-Each federation runs one round per phase with the toy site algorithm, then every process the
+The federation runs one round per phase with the toy site algorithm, then every process the
 test started (daemons, their superexec children, ``flwr run``) must be gone and every port free.
-The insecure run also measures Flower's cost per exchange and the bytes per client per round.
+The insecure deployment (8 SuperNodes, Flower's cost per exchange, bytes per client per round) is
+``tests/fl/test_load.py::test_eight_supernodes_several_rounds_leak_no_process_port_or_file``.
 """
 
 from __future__ import annotations
@@ -42,23 +43,6 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def exchange_figures(run_dir: Path) -> dict:
-    """Wall time per exchange vs the sites' own work, and bytes per client per round."""
-    rows = [r for r in json.loads((run_dir / "log.json").read_text()) if "error" not in r]
-    figures = []
-    for row in rows:
-        local = max((s["metrics"].get("seconds", 0) + s["val_metrics"].get("seconds", 0)
-                     for s in row["sites"].values()), default=0.0)
-        figures.append({"phase": row["phase"], "exchange_s": row["seconds"], "local_work_s": round(local, 3),
-                        "overhead_s": round(row["seconds"] - local, 3), "sent_bytes_per_site": row["sent_bytes_per_site"],
-                        "reply_bytes": max((s["reply_bytes"] for s in row["sites"].values()), default=0),
-                        "model_bytes": row["model_bytes"]})
-    return {"exchanges": figures,
-            "mean_overhead_s": round(sum(f["overhead_s"] for f in figures) / len(figures), 2),
-            "local_work_s": round(sum(f["local_work_s"] for f in figures), 2),
-            "exchange_s": round(sum(f["exchange_s"] for f in figures), 2)}
-
-
 def _check_run(run, sites):
     assert run.status["status"] == "finished:completed", run.status
     phases = [r["phase"] for r in json.loads((run.run_dir / "log.json").read_text())]
@@ -68,17 +52,6 @@ def _check_run(run, sites):
         assert (run.run_dir / "sites" / str(site["site-id"]) / "predictions.npz").is_file()
     _assert_clean(run.pids, run.ports)
     assert len(run.pids) >= 2 * (1 + len(sites)) + 1  # each daemon, its superexec, and `flwr run`
-
-
-def test_insecure_loopback_federation_one_round_per_phase(tmp_path):
-    sites = toy_sites(2)
-    run = run_local_federation(tmp_path / "run", sites, one_round_each(min_sites=2), tls=False, echo=lambda _: None)
-    _check_run(run, sites)
-    figures = exchange_figures(run.run_dir)
-    figures.update(wall_s=round(run.seconds, 1), network=run.status.get("network-traffic"))
-    (tmp_path / "figures.json").write_text(json.dumps(figures, indent=2))
-    print("\ndeployment figures:", json.dumps(figures, indent=1))
-    assert figures["mean_overhead_s"] > 1.0  # Flower's fixed cost per exchange (a fresh process per message)
 
 
 def test_tls_with_site_authentication(tmp_path):
