@@ -74,3 +74,53 @@ def test_corruption_is_reproducible_per_generator_and_can_remove_the_rv():
                                     elastic=0.0)
     gone = corrupt_masks(masks, make_generator(0, torch.device("cpu")), only_rv_loss)
     assert not (gone == 3).any() and (gone == 2).sum() == (masks == 2).sum()
+
+
+class _Constant(torch.nn.Module):
+    """A 'segmenter' that predicts one class everywhere (logits), to check what R is given."""
+
+    def __init__(self, label: int):
+        super().__init__()
+        self.label = label
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 4, *x.shape[2:]) + self.w
+        logits[:, self.label] = 1.0
+        return logits
+
+
+def test_segmenter_examples_are_the_candidates_predictions_paired_with_the_truth():
+    from fedqc.train.autoencoder import segmenter_examples
+
+    images = torch.randn(10, 16, 16)
+    labels = torch.randint(0, 4, (10, 16, 16))
+    inputs, targets = segmenter_examples([_Constant(1), _Constant(3)], images, labels, seed=4)
+    assert inputs.shape == targets.shape == labels.shape
+    # each slice is predicted by one of the two candidates, both are drawn
+    per_slice = {int(v) for v in inputs.flatten(1).amax(1)}
+    assert per_slice == {1, 3}
+    assert all(len(torch.unique(s)) == 1 for s in inputs)
+    # targets are the truth under the same spatial shift: the labels' values, not the predictions'
+    assert set(torch.unique(targets).tolist()) <= {0, 1, 2, 3}
+    again = segmenter_examples([_Constant(1), _Constant(3)], images, labels, seed=4)
+    assert torch.equal(again[0], inputs) and torch.equal(again[1], targets)
+    other = segmenter_examples([_Constant(1), _Constant(3)], images, labels, seed=5)
+    assert not torch.equal(other[1], targets) or not torch.equal(other[0], inputs)
+
+
+def test_autoencoder_epoch_trains_on_the_examples_as_given():
+    """With examples, R's loss is measured against the examples' targets from the examples' inputs:
+    an R that maps everything to background does worse when the examples' targets hold structures."""
+    from fedqc.train.autoencoder import autoencoder_one_epoch
+
+    torch.manual_seed(0)
+    ae = torch.nn.Conv2d(4, 4, 1)
+    opt = torch.optim.SGD(ae.parameters(), lr=0.0)  # no step: the loss is that of fixed weights
+    masks = torch.zeros(4, 8, 8, dtype=torch.long)
+    empty = (torch.zeros(4, 8, 8, dtype=torch.long), torch.zeros(4, 8, 8, dtype=torch.long))
+    full = (torch.zeros(4, 8, 8, dtype=torch.long), torch.full((4, 8, 8), 3, dtype=torch.long))
+    a = autoencoder_one_epoch(ae, masks, opt, batch_size=8, generator=make_generator(0, "cpu"), examples=empty)
+    b = autoencoder_one_epoch(ae, masks, opt, batch_size=8, generator=make_generator(0, "cpu"), examples=full)
+    assert a.num_examples == b.num_examples == 8
+    assert b.loss > a.loss

@@ -79,7 +79,7 @@ class PreprocessConfig:
 class ModelConfig:
     """Segmenter: a preset, or any ``monai.networks.nets`` class by name with its arguments."""
 
-    preset: Literal["unet", "dynunet", "tiny"] = "unet"
+    preset: Literal["unet", "unet-bn", "dynunet", "tiny"] = "unet"
     network: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -116,6 +116,9 @@ class QCConfig:
     # plain: the paper's R, trained to reproduce ground-truth masks; corrective: trained to repair
     # corrupted ones (fedqc.train.corrupt), a better pseudo-label on bad predictions (docs/QC.md).
     autoencoder: Literal["plain", "corrective"] = "corrective"
+    # With a corrective R, also train it on the candidate segmenters' own predictions of labelled
+    # training slices under an appearance shift (fedqc.train.autoencoder.segmenter_examples).
+    segmenter_examples: bool = True
     # QC-based selection: the paper's, or guarded (M kept while it passes the fences unless another
     # candidate's pDC is better by more than selection_margin; fedqc.qc.selection).
     selection: Literal["paper", "guarded"] = "guarded"
@@ -181,6 +184,70 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class AdaptConfig:
+    """Label-free test-time adaptation peers (fedqc.adapt), each adapted at a site on its own pool."""
+
+    # Which peers the ablation runs beside fedqc's variants (none by default: today's tables).
+    peers: tuple[Literal["adabn", "tent", "post-dae", "dae-tta"], ...] = ()
+    epochs: int = 5  # passes over the pool (TENT, DAE-TTA)
+    lr: float = 1e-3
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        repeated = sorted({p for p in self.peers if self.peers.count(p) > 1})
+        if repeated:
+            raise ConfigError("peers", f"each peer once; repeated: {repeated}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs", "adapt.epochs and adapt.batch_size must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError("lr", f"got {self.lr!r}; must be > 0")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """DP-SGD at the labelled sites (Opacus), the privacy unit being one patient (docs/PRIVACY.md).
+
+    Each site accounts its own budget (Opacus's RDP accountant) over every DP-SGD step of the run:
+    the supervised segmenters of every view and the QC autoencoder. ``noise_multiplier`` unset:
+    calibrated so that the site's planned steps spend exactly ``epsilon``; set: used as is, and the
+    site stops contributing once the next round would overspend ``epsilon``.
+    ``delta`` unset: 1 / the site's number of training slices (below 1 / its patients, as a patient-level
+    delta must be).
+    """
+
+    epsilon: float
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    # Eq. 2 under DP (docs/PRIVACY.md): "skip" (DP sites send no refinement update: the guarantee
+    # covers the whole run) or "unprotected" (refinement without DP: no guarantee for the patients
+    # it touches; for measurement only).
+    refinement: Literal["skip", "unprotected"] = "skip"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.epsilon < float("inf"):
+            raise ConfigError("epsilon", f"got {self.epsilon!r}; must be a positive finite number")
+        if self.delta is not None and not 0.0 < self.delta < 1.0:
+            raise ConfigError("delta", f"got {self.delta!r}; must be in (0, 1) (typically below 1 / patients)")
+        if not 0.0 < self.max_grad_norm < float("inf"):
+            raise ConfigError("max_grad_norm", f"got {self.max_grad_norm!r}; must be a positive number "
+                              "(the per-patient gradient clip)")
+        if self.noise_multiplier is not None and not 0.0 <= self.noise_multiplier < float("inf"):
+            raise ConfigError("noise_multiplier", f"got {self.noise_multiplier!r}; must be >= 0 (0: clipping only, "
+                              "no guarantee) or unset (calibrated to epsilon)")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy at the sites and secure aggregation at the coordinator (docs/PRIVACY.md)."""
+
+    dp: DPConfig | None = None
+    # Pairwise-masked sums (fedqc.fl.secagg): the coordinator sees only masked updates whose sum is
+    # the true weighted sum. Needs federation.aggregation mean and refine_aggregation slices.
+    secure_aggregation: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole fedqc run. ``source`` is the YAML file it came from (for relative paths)."""
 
@@ -193,6 +260,7 @@ class Config:
     qc: QCConfig = field(default_factory=QCConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     source: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -204,6 +272,24 @@ class Config:
             raise ValueError(f"site names must be unique; repeated: {duplicated}")
         if not self.views or len(set(self.views)) != len(self.views):
             raise ValueError("views must list SA and/or LA once each")
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """Combinations privacy refuses, each naming the key to change."""
+        if self.privacy.dp is not None and self.model.network is None and self.model.preset == "dynunet":
+            raise ConfigError("model.preset", "'dynunet' cannot train under privacy.dp: Opacus's per-sample "
+                              "gradients fail on MONAI's DynUNet (its deep-supervision heads); use 'unet' or "
+                              "'tiny' (instance norm, supported), docs/PRIVACY.md", self.source)
+        if self.privacy.secure_aggregation:
+            fed = self.federation
+            if fed.aggregation != "mean":
+                raise ConfigError("federation.aggregation", f"'{fed.aggregation}' needs every site's update, "
+                                  "which privacy.secure_aggregation hides from the coordinator; use 'mean' "
+                                  "or turn secure aggregation off", self.source)
+            if fed.refine_aggregation != "slices":
+                raise ConfigError("federation.refine_aggregation", f"'{fed.refine_aggregation}' weighs each site "
+                                  "by counts known only after the round; under privacy.secure_aggregation use "
+                                  "'slices' (the sum a masked round yields)", self.source)
 
     @property
     def labelled_sites(self) -> tuple[SiteConfig, ...]:

@@ -172,7 +172,10 @@ class Protocol:
     def _qc_autoencoder(self) -> None:
         for r in range(self.phase_round + 1, self.settings.ae_rounds + 1):
             config = self._train_config(Task.QC_AUTOENCODER, r)
-            outcome = self._exchange(Task.QC_AUTOENCODER, config, select(self.weights, AE))
+            weights = select(self.weights, AE)
+            if self.settings.segmenter_examples:  # the candidates' own failures teach a corrective R
+                weights.update(self._candidates())
+            outcome = self._exchange(Task.QC_AUTOENCODER, config, weights)
             self._record("qc-autoencoder", r, outcome, self._aggregate(outcome))
 
     def _fences(self) -> None:

@@ -54,6 +54,9 @@ class FederationSettings:
             (:func:`fedqc.qc.fences.pooled_fences`) go to every site with REFINE and PREDICT.
             ``unlabelled``: each site fits fences on its own pool (the paper's).
         tukey_factor: the fences' factor (1.5 in the paper), for the pooled fences.
+        segmenter_examples: send the candidates with Task.QC_AUTOENCODER, so that labelled sites
+            train the corrective R on the candidates' own predictions of their slices as well
+            (``qc.segmenter_examples``; :func:`fedqc.train.autoencoder.segmenter_examples`).
         control: after refinement, as many rounds of the compute-matched control ``M+sup``: the
             labelled sites' share of refinement (Eq. 2's supervised term, alpha 0) from the same
             candidates, stored as ``ctl/m<i>/...`` (for the report; a deployment leaves it off).
@@ -97,6 +100,7 @@ class FederationSettings:
     alpha: Literal["inverse", "linear"] = "inverse"
     fence_source: Literal["consortium", "unlabelled"] = "consortium"
     tukey_factor: float = 1.5
+    segmenter_examples: bool = False
     control: bool = False
     min_sites: int = 1
     node_wait_s: float = 300.0

@@ -111,13 +111,17 @@ def autoencoder(site: SiteState, weights: dict, config: Mapping[str, Scalar], ep
     if not site.site.labelled:
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0})
     phase_round = int(config.get(ConfigKey.PHASE_ROUND, 1))
+    m = int(config.get(ConfigKey.NUM_CANDIDATES, 0))
     out, n, losses = {}, 0, []
     passes = _view_passes(site)
     for view in site.config.views:
-        _, labels = site.labelled_slices(view)
+        images, labels = site.labelled_slices(view)
         ae = site.load_module(new_autoencoder(site.config), weights, f"ae/{view}/")
+        # The candidates, when the coordinator sent them: their own failures teach the corrective R.
+        sent = m and any(k.startswith(f"{candidate_prefix(0)}seg/{view}/") for k in weights)
+        segmenters = _candidates(site, weights, view, m) if sent else None
         stats = autoencoder_round(site.config, ae, labels, first_epoch=(phase_round - 1) * epochs, epochs=epochs,
-                                  passes=passes[view])
+                                  passes=passes[view], segmenters=segmenters, images=images)
         losses.append(stats.loss)
         out.update(site.export(ae, f"ae/{view}/"))
         n += len(labels)

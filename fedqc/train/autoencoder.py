@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from fedqc.core.device import (
 )
 from fedqc.core.errors import FedqcError
 from fedqc.core.types import NUM_CLASSES
+from fedqc.train.augment import AugmentConfig, BatchAugmenter
 from fedqc.train.checkpoints import Checkpoint, TopKCheckpoints
 from fedqc.train.corrupt import CorruptionConfig, corrupt_masks
 from fedqc.train.losses import one_hot, qc_autoencoder_loss
@@ -33,9 +34,64 @@ from fedqc.train.supervised import EpochStats, epoch_seed
 ArrayOrTensor = np.ndarray | torch.Tensor
 
 
+# The appearance shift under which the segmenter's own predictions of labelled training slices are
+# made (segmenter_examples): stronger than training augmentation, so that the predictions fail the way
+# they do at a shifted scanner (contrast, bias field, noise), not only the way corrupt_masks draws.
+SHIFT = AugmentConfig(flip_prob=0.0, rotate_prob=0.3, rotate_deg=15.0, scale_prob=0.3, scale_range=(0.8, 1.25),
+                      bias_field_prob=0.7, bias_field_coeff=0.5, gamma_prob=0.8, gamma_range=(0.35, 2.8),
+                      scale_intensity_prob=0.5, scale_intensity=0.5, shift_prob=0.5, shift=0.5,
+                      noise_prob=0.5, noise_std_max=0.35)
+
+# (inputs, targets): (K, H, W) integer masks R is given and the clean masks it must output.
+Examples = tuple[torch.Tensor, torch.Tensor]
+
+
+@torch.no_grad()
+def segmenter_examples(models: Sequence[torch.nn.Module], images: ArrayOrTensor, labels: ArrayOrTensor, *,
+                       seed: int, shift: AugmentConfig = SHIFT, batch_size: int = 64) -> Examples:
+    """The segmenters' own predictions of labelled slices under an appearance shift, with the truth.
+
+    Each slice is shifted once (:data:`SHIFT`, seeded by ``seed``) and predicted by one of
+    ``models`` (drawn per slice), so the examples cost one forward pass per slice. The corrective QC
+    module learns from them to map what *these* segmenters get wrong onto the clean mask, beside the
+    synthetic failures of :func:`fedqc.train.corrupt.corrupt_masks`.
+
+    Args:
+        models: the candidate segmenters (their modes are restored afterwards).
+        images: (N, H, W) or (N, 1, H, W) float slices.
+        labels: (N, H, W) integer ground truth.
+        seed: seed of the shift and of the model drawn per slice.
+
+    Returns:
+        ``(predictions, truth)``, both (N, H, W) int64 on the models' device.
+    """
+    device = next(models[0].parameters()).device
+    images = torch.as_tensor(images, device=device).float()
+    images = images[:, None] if images.ndim == 3 else images
+    labels = torch.as_tensor(labels, device=device).long()
+    augmenter = BatchAugmenter(shift, seed=seed, device=device)
+    generator = make_generator(seed + 1, device)
+    which = torch.randint(len(models), (labels.shape[0],), generator=generator, device=device)
+    inputs, targets = [], []
+    for first in range(0, labels.shape[0], batch_size):
+        x, y = augmenter(images[first:first + batch_size], labels[first:first + batch_size])
+        pick = which[first:first + batch_size]
+        prediction = torch.zeros_like(y)
+        for i, model in enumerate(models):
+            chosen = pick == i
+            if bool(chosen.any()):
+                with eval_mode(model):
+                    prediction[chosen] = model(x[chosen]).argmax(1)
+        inputs.append(prediction)
+        targets.append(y)
+    empty = torch.empty((0, *labels.shape[1:]), dtype=torch.long, device=device)
+    return (torch.cat(inputs) if inputs else empty), (torch.cat(targets) if targets else empty)
+
+
 def autoencoder_one_epoch(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: torch.optim.Optimizer, *,
                           batch_size: int, generator: torch.Generator, autocast: bool = True,
-                          corruption: CorruptionConfig | None = None) -> EpochStats:
+                          corruption: CorruptionConfig | None = None,
+                          examples: Examples | None = None) -> EpochStats:
     """One pass over ground-truth label slices in random order.
 
     Args:
@@ -45,20 +101,32 @@ def autoencoder_one_epoch(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser:
         batch_size: masks per step.
         generator: seeded generator on the device (batch order).
         autocast: bf16 autocast on CUDA.
+        corruption: corrupt the masks R is given (the corrective module); None: R reproduces them.
+        examples: extra ``(input, target)`` pairs (:func:`segmenter_examples`), shuffled in with
+            the masks and given to R as they are.
 
     Returns:
         Mean loss, number of masks, seconds.
     """
     start = time.perf_counter()
     device = next(ae.parameters()).device
-    labels = torch.as_tensor(labels, device=device)
+    labels = torch.as_tensor(labels, device=device).long()
+    n_masks = labels.shape[0]
+    inputs = labels
+    if examples is not None and examples[0].shape[0]:
+        inputs = torch.cat([labels, examples[0].to(device).long()])
+        labels = torch.cat([labels, examples[1].to(device).long()])
     n = labels.shape[0]
     ae.train()
     order = torch.randperm(n, generator=generator, device=device)
     total = torch.zeros((), device=device)
     for first in range(0, n, batch_size):
-        y = labels[order[first:first + batch_size]].long()
+        index = order[first:first + batch_size]
+        y = labels[index]
         x = corrupt_masks(y, generator, corruption) if corruption is not None else y
+        if n > n_masks:  # segmenter examples go in as they are
+            given = (index >= n_masks)[:, None, None]
+            x = torch.where(given, inputs[index], x)
         with autocast_context(device, autocast):
             reconstruction = ae(one_hot(x, NUM_CLASSES))
         loss = qc_autoencoder_loss(reconstruction, y)
@@ -80,11 +148,13 @@ def autoencoder_optimiser(ae: torch.nn.Module, lr: float, weight_decay: float = 
 def autoencoder_epochs(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: torch.optim.Optimizer, *,
                        first_epoch: int, epochs: int, batch_size: int, seed: int, passes: int = 1,
                        autocast: bool = True, corruption: CorruptionConfig | None = None,
+                       examples: Callable[[int], Examples] | None = None,
                        after_epoch: Callable[[int, EpochStats], Any] | None = None) -> EpochStats:
     """Epochs ``first_epoch ..`` of L^R: the one autoencoder loop (``fedqc train`` and a federated site).
 
     Each epoch seeds its own batch order (:func:`fedqc.train.supervised.epoch_seed`), so splitting
-    the epochs into rounds draws the same batches.
+    the epochs into rounds draws the same batches. ``examples(seed)``: the epoch's segmenter
+    examples, drawn anew each epoch from the epoch's seed (the same split into rounds or not).
     """
     device = next(ae.parameters()).device
     labels = torch.as_tensor(labels, device=device)
@@ -94,9 +164,10 @@ def autoencoder_epochs(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: to
         seed_everything(seed_e)
         generator = make_generator(seed_e, device)
         seconds = 0.0
+        pairs = examples(seed_e) if examples is not None else None
         for _ in range(passes):
             stats = autoencoder_one_epoch(ae, labels, optimiser, batch_size=batch_size, generator=generator,
-                                          autocast=autocast, corruption=corruption)
+                                          autocast=autocast, corruption=corruption, examples=pairs)
             seconds += stats.seconds
         stats = EpochStats(stats.loss, stats.num_examples, seconds)
         if after_epoch is not None:
@@ -172,7 +243,8 @@ def train_qc_autoencoder(ae: torch.nn.Module, label_slices: ArrayOrTensor, *, ep
                          device: str | torch.device = "auto", seed: int = 0,
                          progress: Callable[[dict[str, float]], Any] | None = None,
                          autocast: bool = True, passes: int = 1,
-                         corruption: CorruptionConfig | None = None) -> AutoencoderResult:
+                         corruption: CorruptionConfig | None = None,
+                         examples: Callable[[int], Examples] | None = None) -> AutoencoderResult:
     """Train the QC autoencoder with Adam on ground-truth masks.
 
     Args:
@@ -209,7 +281,8 @@ def train_qc_autoencoder(ae: torch.nn.Module, label_slices: ArrayOrTensor, *, ep
             progress(record)
 
     autoencoder_epochs(ae, labels, optimiser, first_epoch=0, epochs=epochs, batch_size=batch_size, seed=seed,
-                       passes=passes, autocast=autocast, corruption=corruption, after_epoch=validate_and_keep)
+                       passes=passes, autocast=autocast, corruption=corruption, examples=examples,
+                       after_epoch=validate_and_keep)
     best = keeper.ranked()[0] if len(keeper) else None
     if best is not None and restore_best:
         ae.load_state_dict(best.state_dict)

@@ -33,8 +33,10 @@ from fedqc.qc.ood import flag_ood
 from fedqc.qc.scoring import score_cases
 from fedqc.qc.thresholds import Thresholds
 from fedqc.train.autoencoder import (
+    Examples,
     autoencoder_epochs,
     autoencoder_optimiser,
+    segmenter_examples,
     train_qc_autoencoder,
 )
 from fedqc.train.corrupt import CorruptionConfig
@@ -93,14 +95,28 @@ def corruption_of(config: Config) -> CorruptionConfig | None:
     return CorruptionConfig() if config.qc.autoencoder == "corrective" else None
 
 
+def examples_of(config: Config, segmenters: Sequence[torch.nn.Module] | None, images: np.ndarray | None,
+                labels: np.ndarray) -> Callable[[int], Examples] | None:
+    """``qc.segmenter_examples`` (with a corrective R): each epoch, the candidate segmenters' own
+    predictions of the labelled training slices under an appearance shift
+    (:func:`fedqc.train.autoencoder.segmenter_examples`), beside the corrupted masks."""
+    if config.qc.autoencoder != "corrective" or not config.qc.segmenter_examples or not segmenters \
+            or images is None or len(images) == 0:
+        return None
+    return lambda seed: segmenter_examples(segmenters, images, labels, seed=seed)
+
+
 def autoencoder_round(config: Config, ae: torch.nn.Module, labels: np.ndarray, *, first_epoch: int, epochs: int,
-                      passes: int = 1) -> EpochStats:
-    """``epochs`` epochs of L^R from the autoencoder's current weights (a fresh optimiser)."""
+                      passes: int = 1, segmenters: Sequence[torch.nn.Module] | None = None,
+                      images: np.ndarray | None = None) -> EpochStats:
+    """``epochs`` epochs of L^R from the autoencoder's current weights (a fresh optimiser);
+    ``segmenters`` and ``images``: the candidates and the slices of :func:`examples_of`."""
     qc = config.qc
     optimiser = autoencoder_optimiser(ae, qc.ae_lr, AE_WEIGHT_DECAY)
     return autoencoder_epochs(ae, labels, optimiser, first_epoch=first_epoch, epochs=epochs,
                               batch_size=qc.ae_batch_size, seed=config.train.seed, passes=passes,
-                              corruption=corruption_of(config))
+                              corruption=corruption_of(config),
+                              examples=examples_of(config, segmenters, images, labels))
 
 
 @dataclass
@@ -132,17 +148,39 @@ def train_supervised(config: Config, train_cases: Sequence[PreparedCase], val_ca
     history = {"segmenter": result.history}
     if not with_autoencoder:
         return SupervisedResult(states, info, {}, history)
-    seed_everything(tc.seed)
+    ae_result = train_autoencoder(config, states, images, labels, val_cases, device, progress=progress, passes=passes)
+    history["autoencoder"] = ae_result.history
+    return SupervisedResult(states, info, ae_result.state, history)
+
+
+@dataclass
+class AutoencoderStage:
+    state: dict[str, torch.Tensor]
+    history: list[dict]
+
+
+def train_autoencoder(config: Config, candidate_states: Sequence[Mapping[str, torch.Tensor]], images: np.ndarray,
+                      labels: np.ndarray, val_cases: Sequence[PreparedCase], device: torch.device,
+                      progress: Progress = print, passes: int = 1) -> AutoencoderStage:
+    """L^R on the labelled training masks (``qc.ae_epochs``; best validation epoch kept): ``qc.autoencoder``
+    decides plain or corrective, ``qc.segmenter_examples`` whether the candidates' own failures on
+    ``images`` are examples too (:func:`examples_of`)."""
+    candidates = []
+    for state in candidate_states:
+        candidate = new_segmenter(config).to(device)
+        candidate.load_state_dict(state)
+        candidates.append(candidate)
+    seed_everything(config.train.seed)
     ae = new_autoencoder(config).to(device)
     qc = config.qc
-    val_labels = np.concatenate([c.labels for c in val_cases if c.labels is not None]) if val else None
+    val_labels = [c.labels for c in val_cases if c.labels is not None]
     ae_result = train_qc_autoencoder(ae, labels, epochs=qc.ae_epochs, batch_size=qc.ae_batch_size, lr=qc.ae_lr,
-                                     weight_decay=AE_WEIGHT_DECAY, val_labels=val_labels, device=device,
-                                     seed=tc.seed, passes=passes, corruption=corruption_of(config),
+                                     weight_decay=AE_WEIGHT_DECAY,
+                                     val_labels=np.concatenate(val_labels) if val_labels else None, device=device,
+                                     seed=config.train.seed, passes=passes, corruption=corruption_of(config),
+                                     examples=examples_of(config, candidates, images, labels),
                                      progress=_epoch_printer("QC autoencoder", qc.ae_epochs, progress))
-    ae_state = {k: v.detach().cpu().clone() for k, v in ae.state_dict().items()}
-    history["autoencoder"] = ae_result.history
-    return SupervisedResult(states, info, ae_state, history)
+    return AutoencoderStage({k: v.detach().cpu().clone() for k, v in ae.state_dict().items()}, ae_result.history)
 
 
 def _epoch_printer(name: str, total: int, progress: Progress):
