@@ -422,7 +422,7 @@ def _try_join(site: SiteFile, source: Path, insecure: bool, report: _Report, tim
     folder = Path(tempfile.mkdtemp(prefix="fedqc-check-"))
     settings = dataclasses.replace(_site_settings(site, source, insecure), work_dir=folder,
                                    port=processes.free_port(), max_retries=2, max_wait_s=10.0)
-    node = SuperNode(settings, insecure)
+    node = SuperNode(settings, insecure, worker=False)  # joining only: no site to run
     try:
         node.spawn()
         deadline = time.monotonic() + timeout_s

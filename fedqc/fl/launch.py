@@ -21,6 +21,8 @@ commands get SIGTERM or SIGHUP (:func:`fedqc.fl.processes.stop_on_signals`, inst
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import queue
 import re
@@ -44,6 +46,7 @@ QUIET_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETR
 ALREADY_REGISTERED = "[code: 23]"  # flwr supernode register: "Public key already in use"
 INSECURE_WARNING = "WARNING: --insecure: no TLS, traffic is readable on the network; use on loopback for tests only"
 Echo = Callable[[str], None]
+logger = logging.getLogger("fedqc.fl.launch")
 
 
 def executable(name: str) -> str:
@@ -291,6 +294,105 @@ class SuperLink(_Daemon):
 
 
 
+class SiteWorkerProcess:
+    """The site worker (:mod:`fedqc.site.worker`) beside a SuperNode: started, supervised, stopped by PID.
+
+    Each :meth:`start` writes a fresh secret (0600) and the site's node config into ``WORK/worker``
+    (0700); a :meth:`restart` after the worker died keeps the secret. A live worker found on the
+    work dir that is not ours (left by an earlier start whose SuperNode died, or whose fedqc-client
+    was killed -9 and the worker not yet gone) is stopped by PID, never reused: it holds another
+    secret and another run's site. One fedqc-client per work dir.
+    """
+
+    def __init__(self, work_dir: Path, node_config: dict):
+        from fedqc.site import worker  # Flower-free, no torch
+
+        self.work_dir = Path(work_dir)
+        self.folder = worker.worker_dir(self.work_dir)
+        self.node_config = dict(node_config)
+        self.log_path = self.work_dir / "logs" / "worker.log"
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def _leftover(self) -> int | None:
+        """The PID of a live site worker on this work dir that we did not start."""
+        from fedqc.site import worker
+
+        try:
+            pid = int((self.folder / worker.PID).read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if self.proc is not None and pid == self.proc.pid:
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        ours = b"fedqc.site.worker" in cmdline and os.fsencode(str(self.folder)) in cmdline  # never another's PID
+        return pid if ours and processes.alive(pid) else None
+
+    def start(self, ready_timeout_s: float | None = 180.0, new_secret: bool = True) -> Self:
+        """Start the worker and (unless ``ready_timeout_s`` is None) wait until it answers an authenticated ping.
+
+        Not waiting lets the SuperNode start while the worker imports torch: a ClientApp waits for
+        the socket (:class:`fedqc.site.worker.WorkerClient`).
+
+        Raises:
+            ProcessError: the worker exited or stayed silent (its log's end is quoted).
+        """
+        from fedqc.site import worker
+
+        pid = self._leftover()
+        if pid is not None:  # another start's worker: it holds another secret and another run's site
+            logger.warning("stopping the site worker left on %s by an earlier start (pid %s)", self.work_dir, pid)
+            processes.stop_tree(pid, grace_s=5.0)
+        for name in (worker.SOCKET, worker.PID):
+            (self.folder / name).unlink(missing_ok=True)
+        if new_secret:
+            worker.new_secret(self.folder)
+        run_state.atomic_write(self.folder / worker.NODE_CONFIG, json.dumps(self.node_config).encode())
+        cmd = [sys.executable, "-m", "fedqc.site.worker", "--dir", str(self.folder)]
+        self.proc = processes.spawn(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, self.log_path, cwd=self.folder)
+        return self if ready_timeout_s is None else self.wait_ready(ready_timeout_s)
+
+    def wait_ready(self, ready_timeout_s: float = 180.0) -> Self:
+        """Wait until the worker answers an authenticated ping (ProcessError when it exits or stays silent)."""
+        from fedqc.site import worker
+
+        client = worker.WorkerClient(self.folder, connect_timeout_s=1.0)
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise processes.ProcessError(f"the site worker exited with code {self.proc.returncode} while "
+                                             f"starting\n{processes.log_tail(self.log_path)}")
+            try:
+                client.ping()
+                return self
+            except worker.WorkerError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise processes.ProcessError(f"the site worker did not answer within {ready_timeout_s:.0f} s\n"
+                                                 f"{processes.log_tail(self.log_path)}") from None
+            time.sleep(0.3)
+
+    def died(self) -> int | None:
+        """The exit code when the worker stopped by itself (None while it runs)."""
+        return None if self.proc is None else self.proc.poll()
+
+    def restart(self) -> Self:
+        """Start it again with the same secret (the SuperNode's ClientApps keep finding it)."""
+        self.stop()
+        self.restarts += 1
+        return self.start(ready_timeout_s=None, new_secret=False)
+
+    def stop(self) -> None:
+        from fedqc.site import worker
+
+        if self.proc is not None:
+            processes.stop_tree(self.proc, grace_s=5.0)
+        (self.folder / worker.SOCKET).unlink(missing_ok=True)
+
+
 class SuperNode(_Daemon):
     """One site's SuperNode (a context manager that stops it).
 
@@ -299,11 +401,13 @@ class SuperNode(_Daemon):
         insecure: connect without TLS.
     """
 
-    def __init__(self, settings: ClientSettings, insecure: bool):
+    def __init__(self, settings: ClientSettings, insecure: bool, worker: bool = True):
         if not insecure and settings.root_certificates is None:
             raise ConfigError("client.root_certificates", "the consortium CA certificate is needed (or --insecure)")
         self.settings = settings
         self.insecure = insecure
+        self.worker: SiteWorkerProcess | None = None
+        self.use_worker = worker
         self.work_dir = run_state.private_dir(Path(settings.work_dir).expanduser().resolve())
         self.log_path = self.work_dir / "logs" / "supernode.log"
         self.proc: subprocess.Popen | None = None
@@ -331,8 +435,34 @@ class SuperNode(_Daemon):
         if not processes.port_is_free("127.0.0.1", self.settings.port):
             raise FedqcError(f"port {self.settings.port} is already in use; give this site another client port")
         home = run_state.private_dir(self.work_dir / ".flwr")
-        self.proc = processes.spawn(self.command(), flower_env(home), self.log_path, cwd=self.work_dir)
+        if self.use_worker and self.worker is None:
+            from fedqc.site.worker import WORKER_KEY
+
+            self.worker = SiteWorkerProcess(self.work_dir, self.settings.full_node_config()).start(ready_timeout_s=None)
+            node_config = {**self.settings.node_config, WORKER_KEY: str(self.worker.folder)}
+            self.settings = ClientSettings(**{**self.settings.__dict__, "node_config": node_config})
+        try:
+            self.proc = processes.spawn(self.command(), flower_env(home), self.log_path, cwd=self.work_dir)
+        except BaseException:
+            self.stop()
+            raise
         return self.proc
+
+    def supervise_worker(self) -> str | None:
+        """Restart the site worker when it died; what happened, in one line (None: all is well)."""
+        if self.worker is None or self.worker.died() is None:
+            return None
+        code = self.worker.died()
+        self.worker.restart()
+        return (f"the site worker stopped (exit {code}); restarted it (restart {self.worker.restarts}); the task "
+                "it had failed at this site")
+
+    def stop(self) -> None:
+        """Stop the SuperNode (and its children) and the site worker, by PID."""
+        super().stop()
+        if self.worker is not None:
+            self.worker.stop()
+            self.stopped_pids = [*getattr(self, "stopped_pids", []), self.worker.proc.pid]
 
     def start(self, ready_timeout_s: float = 60.0) -> Self:
         """Start the SuperNode and wait for its local ClientApp port."""
@@ -551,17 +681,31 @@ def run_client(site_config_path: str | Path | None, insecure: bool, *, settings:
         settings = ClientSettings(**{**settings.__dict__, "node_config": node_config})
     node = SuperNode(settings, insecure)
     offset = start = node.log_path.stat().st_size if node.log_path.is_file() else 0
+    worker_log = node.work_dir / "logs" / "worker.log"
+    worker_offset = worker_log.stat().st_size if worker_log.is_file() else 0
     where = f"the coordinator at {settings.superlink}"
     echo(f"site {settings.site_id}: joining {where} (log: {node.log_path})")
     started = time.monotonic()
     connected = lost = retrying = False
     try:
         node.spawn()
+        if node.worker is not None:
+            echo(f"site worker started (pid {node.worker.proc.pid}; it holds the site between tasks; log: "
+                 f"{node.worker.log_path})")
         polls = 0
         while True:
             if polls % 4 == 0:
                 node.remember_children()
             polls += 1
+            restarted = node.supervise_worker()
+            if restarted:
+                echo(restarted)
+            worker_lines, worker_offset = _new_lines(worker_log, worker_offset)
+            for line in worker_lines:
+                task = re.search(r"run (\S+): (\w+), phase round (\S+) \(exchange (\S+)\)", line)
+                if task:
+                    echo(f"task {task.group(2)}, phase round {task.group(3)} (exchange {task.group(4)} of run "
+                         f"{task.group(1)})")
             code = node.proc.poll()
             lines, offset = _new_lines(node.log_path, offset)
             for line in lines:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message
 
-from fedqc.fl import appdir, records, run_state
+from fedqc.fl import appdir, records, run_state, secagg
 from fedqc.fl.aggregation import local_names
 from fedqc.fl.rounds import (
     AE_HASH,
@@ -38,8 +38,8 @@ from fedqc.fl.rounds import (
     NORM_PATTERN,
     TRANSFER_DTYPE,
 )
-from fedqc.site.algorithm import site_factory
 from fedqc.site.contract import SiteAlgo, SiteReply, Task, Weights
+from fedqc.site.worker import WORKER_KEY, RemoteSite
 
 SITE_ERROR = 4100  # Error code of a reply whose site algorithm raised
 _STATE_AE, _STATE_AE_HASH, _STATE_LOCAL = "fedqc-qc-ae", "fedqc-qc-ae-hash", "fedqc-local"
@@ -64,9 +64,16 @@ def site_id_of(context: Context) -> str:
 
 
 def site_algo(context: Context) -> SiteAlgo:
-    """The site's SiteAlgo, built once per (run, node) in this process and cached (LRU)."""
+    """The site's SiteAlgo: its worker's when the node config names one (``site-worker``: the
+    ClientApp then imports neither torch nor the site's code), else built once per (run, node) in
+    this process and cached (LRU)."""
     run_config = dict(context.run_config)
     threads = int(run_config.get(appdir.TORCH_THREADS, 0) or 0)
+    worker = str(node_config_of(context).get(WORKER_KEY, "") or "")
+    if worker:
+        return RemoteSite(worker, context.run_id, run_config, appdir.site_run_config(run_config), threads)
+    from fedqc.site.algorithm import site_factory  # torch, MONAI: in-process only
+
     if threads and not _THREADS_SET:
         import torch
 
@@ -151,6 +158,23 @@ def _outgoing(reply_weights: Weights | None, received: Weights | None, task: str
     return {n: np.asarray(v) for n, v in reply_weights.items()}
 
 
+def _secure(out: Weights | None, received: Weights | None, task: str, metrics: Mapping, pattern: str,
+            config: Mapping, context: Context) -> tuple[Weights | None, str]:
+    """Secure aggregation at the site: INIT sends its public key; a weight round's update (zeros
+    with weight 0 when it has none: its masks must still cancel the others') leaves masked."""
+    key = secagg.site_key(str(node_config_of(context).get("work-dir", "") or "."), context.run_id)
+    if task == INIT:
+        return out, secagg.public_hex(key)
+    if secagg.PEERS not in config:
+        return out, ""
+    names = _outgoing(received, received, task) or {}
+    if pattern:
+        names = {n: v for n, v in names.items() if n not in local_names(names, pattern)}
+    n = float(metrics.get("num-examples", 0)) if out else 0.0
+    update = {name: (out[name] if out and name in out else np.zeros_like(value)) for name, value in names.items()}
+    return secagg.mask(update, n, int(context.node_id), key, secagg.peers_of(config), str(config[secagg.TAG])), ""
+
+
 def handle(msg: Message, context: Context) -> Message:
     """Run the task a message carries and build the reply (see the module docstring)."""
     site_id = site_id_of(context)
@@ -176,9 +200,14 @@ def handle(msg: Message, context: Context) -> Message:
         out = _outgoing(reply.weights, received, task)
         if pattern and out:
             out = _keep_local_norms(out, context, pattern)
-        content = records.reply_content(site_id, reply.metrics, out, val_metrics, transfer_dtype=dtype)
+        secagg_key = ""
+        if config.get(secagg.TAG) is not None:  # privacy.secure_aggregation (fedqc.fl.secagg)
+            out, secagg_key = _secure(out, received, task, reply.metrics, pattern, config, context)
+        content = records.reply_content(site_id, reply.metrics, out, val_metrics, transfer_dtype=dtype,
+                                        secagg_key=secagg_key)
     except Exception as exc:
         logger.exception("site %s: task %s failed", site_id, task)
-        reason = f"site {site_id}: {type(exc).__name__} during {task or 'an unknown task'} (details in the site's log)"
+        kind = getattr(exc, "remote_type", None) or type(exc).__name__  # a worker's failure: what the site raised
+        reason = f"site {site_id}: {kind} during {task or 'an unknown task'} (details in the site's log)"
         return Message(Error(code=SITE_ERROR, reason=reason), reply_to=msg)
     return Message(content, reply_to=msg)
