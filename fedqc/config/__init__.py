@@ -219,10 +219,11 @@ class DPConfig:
     delta: float | None = None
     max_grad_norm: float = 1.0
     noise_multiplier: float | None = None
-    # Eq. 2 under DP (docs/PRIVACY.md): "skip" (DP sites send no refinement update: the guarantee
-    # covers the whole run) or "unprotected" (refinement without DP: no guarantee for the patients
-    # it touches; for measurement only).
-    refinement: Literal["skip", "unprotected"] = "skip"
+    # Eq. 2 under DP (docs/PRIVACY.md): "unlabelled-only" (labelled sites, whose patients DP covers,
+    # send no refinement update; unlabelled sites refine as usual, their images not covered),
+    # "skip" (no site refines) or "unprotected" (every site refines without DP: no guarantee for
+    # the patients it touches; for measurement only).
+    refinement: Literal["unlabelled-only", "skip", "unprotected"] = "unlabelled-only"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.epsilon < float("inf"):
@@ -261,6 +262,7 @@ class Config:
     refine: RefineConfig = field(default_factory=RefineConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     source: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
