@@ -261,7 +261,7 @@ class SuperLink(_Daemon):
                     if line is None:
                         break
                     if line:
-                        log_file.write(line)
+                        log_file.write(plain(line))  # no colour codes in the file
                         log_file.flush()
                         if shown(line):
                             echo(line.rstrip("\n"))

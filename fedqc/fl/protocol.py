@@ -37,7 +37,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedqc.core.types import CONTROL_PREFIX, VIEWS
-from fedqc.fl import run_state
+from fedqc.fl import progress, run_state
 from fedqc.fl.aggregation import (
     BestRounds,
     Update,
@@ -121,6 +121,8 @@ class Protocol:
             self._next_phase()
         summary = self._summary(time.monotonic() - started)
         run_state.write_json(self.run_dir / run_state.SUMMARY, summary)
+        for line in ["time per phase:", *progress.phase_table(summary).splitlines()]:
+            log(INFO, "%s", line)
         return summary
 
     # -- phases -------------------------------------------------------------------------------
@@ -332,7 +334,15 @@ class Protocol:
                       for a in outcome.answers},
             "missing": outcome.missing, "failed": outcome.failed, "ae_sent_to": outcome.ae_sent_to,
             "sent_bytes_per_site": outcome.sent_bytes, "model_bytes": outcome.model_bytes, **extra})
+        log(INFO, "%s", progress.round_line(self.log_rows[-1], self._planned_rounds(phase)))
         self._save()
+
+    def _planned_rounds(self, phase: str) -> int:
+        """The rounds a phase may take (refinement can end sooner), for the progress line."""
+        planned = {"supervised": self.settings.supervised_rounds, "qc-autoencoder": self.settings.ae_rounds,
+                   "refine": self.settings.refine_rounds,
+                   "control": sum(1 for r in self.log_rows if r["phase"] == "refine" and "error" not in r)}
+        return int(planned.get(phase, 1))
 
     def _next_phase(self) -> None:
         self.phase = PHASES[PHASES.index(self.phase) + 1]

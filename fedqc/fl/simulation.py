@@ -84,6 +84,11 @@ def run_simulation(config: SimulationConfig, run_dir: str | Path, resume: bool =
         RuntimeError: the simulation engine failed.
     """
     os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
+    import warnings
+
+    # Ray's "Tip: in future versions ... RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO" tells the user nothing; setting
+    # that variable would change which GPUs a num_gpus=0 actor sees, so only the message is dropped.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\._private\.worker")
     from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.simulation.run_simulation import _run_simulation
