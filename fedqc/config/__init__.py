@@ -278,10 +278,12 @@ class Config:
 
     def _check_privacy(self) -> None:
         """Combinations privacy refuses, each naming the key to change."""
-        if self.privacy.dp is not None and self.model.network is None and self.model.preset == "dynunet":
-            raise ConfigError("model.preset", "'dynunet' cannot train under privacy.dp: Opacus's per-sample "
-                              "gradients fail on MONAI's DynUNet (its deep-supervision heads); use 'unet' or "
-                              "'tiny' (instance norm, supported), docs/PRIVACY.md", self.source)
+        refused = {"dynunet": "Opacus's per-sample gradients fail on MONAI's DynUNet",
+                   "unet-bn": "its batch norm mixes patients within a batch"}
+        if self.privacy.dp is not None and self.model.network is None and self.model.preset in refused:
+            raise ConfigError("model.preset", f"'{self.model.preset}' cannot train under privacy.dp: "
+                              f"{refused[self.model.preset]}; use 'unet' or 'tiny' (MONAI UNet with instance "
+                              "norm: supported), docs/PRIVACY.md", self.source)
         if self.privacy.secure_aggregation:
             fed = self.federation
             if fed.aggregation != "mean":

@@ -65,6 +65,9 @@ def convert(hint: Any, value: Any, key: str, source: Path | None) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [option for option in args if option is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error, naming its own key (privacy.dp.epsilon)
+            return convert(options[0], value, key, source)
         errors = []
         for option in args:
             if option is type(None):

@@ -94,9 +94,44 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
                  "refinement's supervised share alone, as many rounds (`full - {M+sup}+QC` is what QC brings).\n\n"
                  + format_table(["view", "site", "M", "{M+sup}+QC", "full", "full - {M+sup}+QC", "full - M"], gains)
                  + "\n")
+    text += _privacy_section(config, run_dir)
     (run_dir / "report.md").write_text(text)
     return table + "\n\n" + qc_table + ("\n\n" + format_table(
         ["view", "site", "M", "{M+sup}+QC", "full", "full - {M+sup}+QC", "full - M"], gains) if gains else "")
+
+
+def _privacy_section(config: Config, run_dir: Path) -> str:
+    """``privacy``: the epsilon each site reported last (its own accountant) and the masked rounds."""
+    import json
+
+    from fedqc.core.table import format_table
+
+    dp, masked = config.privacy.dp, config.privacy.secure_aggregation
+    log_path = run_dir / "log.json"
+    if (dp is None and not masked) or not log_path.is_file():
+        return ""
+    rows = json.loads(log_path.read_text())
+    text = "\n## Privacy\n\n"
+    if dp is not None:
+        last: dict[str, dict] = {}
+        for row in rows:
+            for site, entry in (row.get("sites") or {}).items():
+                metrics = entry.get("metrics") or {}
+                if "dp-epsilon" in metrics:
+                    spent = bool(last.get(site, {}).get("spent")) or bool(metrics.get("dp-budget-spent"))
+                    last[site] = {"epsilon": metrics["dp-epsilon"], "spent": spent,
+                                  "where": f"{row['phase']} {row['round']}"}
+        text += (f"DP-SGD at the labelled sites (Opacus, RDP accountant, one patient per unit): budget epsilon "
+                 f"{dp.epsilon:g}, max_grad_norm {dp.max_grad_norm:g}, refinement {dp.refinement}.\n\n"
+                 + format_table(["site", "epsilon spent", "budget ran out", "last reported"],
+                                [[site, round(v["epsilon"], 4), "yes" if v["spent"] else "no", v["where"]]
+                                 for site, v in sorted(last.items())]) + "\n")
+    if masked:
+        secure = [row for row in rows if "secure_aggregation" in row]
+        discarded = [f"{row['phase']} {row['round']}" for row in secure if row["secure_aggregation"].startswith("disc")]
+        text += (f"\nSecure aggregation: {len(secure)} weight rounds, the coordinator receiving masked updates only"
+                 + (f"; discarded (a participant missing): {', '.join(discarded)}" if discarded else "") + ".\n")
+    return text
 
 
 def _fmt(value) -> str:

@@ -50,4 +50,5 @@ def federation_settings(config: Config, audit: bool = False, control: bool | Non
         fence_source=config.qc.threshold_source, tukey_factor=config.qc.tukey_factor,
         segmenter_examples=config.qc.autoencoder == "corrective" and config.qc.segmenter_examples,
         control=fed.control if control is None else control,
-        seed=config.train.seed, site_run_config=site_run_config(config), audit_replies=audit)
+        seed=config.train.seed, site_run_config=site_run_config(config), audit_replies=audit,
+        secure_aggregation=config.privacy.secure_aggregation)

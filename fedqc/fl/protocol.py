@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import secrets
 import time
 from collections.abc import Mapping
 from logging import INFO, WARNING
@@ -38,9 +39,11 @@ from flwr.serverapp import Grid
 
 from fedqc.core.types import CONTROL_PREFIX, VIEWS
 from fedqc.fl import progress, run_state
+from fedqc.fl import secagg
 from fedqc.fl.aggregation import (
     BestRounds,
     Update,
+    as_global,
     eq2_average,
     select,
     weighted_average,
@@ -99,11 +102,14 @@ class Protocol:
                                          if row["server_round"] <= self.server_round]
             self.weights = run_state.load_arrays(self.run_dir / state["weights"])
             self.fences = state.get("fences") or {}
+            self.secagg_keys = {int(k): v for k, v in (state.get("secagg_keys") or {}).items()}
             log(INFO, "resuming %s at phase %s after round %d", run_dir, self.phase, self.phase_round)
         else:
             self.phase, self.phase_round, self.server_round = "init", 0, 0
             self.best, self.log_rows, self.weights = BestRounds(settings.m_best), [], {}
             self.fences: dict[str, dict] = {}
+            self.secagg_keys: dict[int, str] = {}
+        self._secagg_nodes: list[int] = []
 
     def run(self) -> dict[str, Any]:
         """Run every remaining phase; returns the summary also written to ``RUN/summary.json``."""
@@ -134,8 +140,13 @@ class Protocol:
         if given:
             self.weights = run_state.load_arrays(Path(self.settings.initial_weights))
         init = {ConfigKey.LOCAL_EPOCHS.value: 0, ConfigKey.SEED.value: self.settings.seed}
+        if self.settings.secure_aggregation:
+            init[secagg.TAG] = "init"  # sites answer with their public keys
         outcome = self._exchange(INIT, init, None,
                                  per_node={} if given else {first: {INIT_WEIGHTS: True}})
+        if self.settings.secure_aggregation:
+            self.secagg_keys = {a.node_id: a.secagg_key for a in outcome.answers if a.secagg_key}
+            log(INFO, "secure aggregation: public keys of %d sites", len(self.secagg_keys))
         extra: dict[str, Any] = {"initial_weights": self.settings.initial_weights or None}
         if not given:
             answer = next((a for a in outcome.answers if a.node_id == first and a.weights), None)
@@ -280,9 +291,22 @@ class Protocol:
                   per_node: Mapping[int, Mapping[str, Scalar]] | None = None) -> Outcome:
         self.server_round += 1
         log(INFO, "[%s] round %s: sending to the sites", task, config.get(ConfigKey.PHASE_ROUND.value, 0))
-        return self.sites.run(task, config, weights, ae=ae, per_node=per_node)
+        nodes = None
+        if self.settings.secure_aggregation and task in (Task.SUPERVISED, Task.QC_AUTOENCODER, Task.REFINE):
+            nodes = [n for n in self.sites.wait_for_sites() if n in self.secagg_keys]
+            # A fresh tag per exchange: masks are never reused, even when a round is redone on resume.
+            tag = f"{self.server_round}-{secrets.token_hex(8)}"
+            config = {**config, **secagg.peers_config({n: self.secagg_keys[n] for n in nodes}, tag)}
+            self._secagg_nodes = nodes
+        return self.sites.run(task, config, weights, ae=ae, per_node=per_node, nodes=nodes)
 
     def _aggregate(self, outcome: Outcome, required: bool = True, combine=weighted_average) -> dict[str, Any]:
+        for a in outcome.answers:
+            if a.metrics.get(MetricKey.DP_BUDGET_SPENT.value):
+                log(WARNING, "site %s stopped contributing: its privacy budget is spent (epsilon %s)", a.site,
+                    a.metrics.get(MetricKey.DP_EPSILON.value))
+        if self.settings.secure_aggregation:
+            return self._secure_aggregate(outcome, required)
         offered = [Update(a.site, a.weights, num_examples(a)) for a in outcome.answers
                    if a.weights and num_examples(a) > 0]
         screened = screen_updates(offered, self.weights, self.settings.norm_factor)
@@ -297,6 +321,40 @@ class Protocol:
             self.weights = combine(updates, self.weights)
         return {"aggregated_from": [u.site for u in updates], "rejected": rejected,
                 "update_norms": screened.norms, "norm_check": screened.norm_check}
+
+    def _secure_aggregate(self, outcome: Outcome, required: bool) -> dict[str, Any]:
+        """The n-weighted mean from the masked sum (:mod:`fedqc.fl.secagg`); no single update is seen.
+
+        Screening and robust aggregation need individual updates: the config refuses robust
+        aggregation with secure aggregation, and the norm rule is not applied (the log says so).
+        A round missing any participant's masked update cannot be unmasked: it is discarded.
+        """
+        note = "not applied: secure aggregation hides individual updates"
+        answered = {a.node_id for a in outcome.answers if a.weights}
+        missing = sorted(self.sites.name(n) for n in self._secagg_nodes if n not in answered)
+        if missing or not outcome.answers:
+            log(WARNING, "secure aggregation: no masked update from %s; the round is discarded (global weights "
+                "kept)", missing)
+            return {"aggregated_from": [], "secure_aggregation": f"discarded: missing {missing}",
+                    "norm_check": note}
+        total = sum(num_examples(a) for a in outcome.answers)
+        contributors = [a.site for a in outcome.answers if num_examples(a) > 0]
+        if total <= 0:
+            if required:
+                raise FederationError("secure aggregation: no site contributed an update this round "
+                                      f"(answers: {[a.site for a in outcome.answers]})")
+            return {"aggregated_from": [], "secure_aggregation": "no contribution", "norm_check": note}
+        if len(contributors) == 1:  # the counts are in the clear: a lone contributor's update is the sum
+            log(WARNING, "secure aggregation: only site %s contributed this round; its update is the sum",
+                contributors[0])
+        sums = secagg.unmask_sum([a.weights for a in outcome.answers])
+        mean = {name: value / total for name, value in sums.items()}
+        bad = sorted(name for name, value in mean.items() if not np.all(np.isfinite(value)))
+        if bad:
+            raise FederationError(f"secure aggregation: the unmasked mean holds NaN/Inf in {bad[:3]}")
+        self.weights = as_global(self.weights, mean)
+        return {"aggregated_from": contributors, "secure_aggregation": f"masked sum of {len(outcome.answers)} sites",
+                "rejected": {}, "norm_check": note}
 
     def _score(self, round_: int, outcome: Outcome, val: bool) -> dict[str, Any]:
         pairs = []
@@ -357,7 +415,8 @@ class Protocol:
         run_state.write_json(self.run_dir / run_state.STATE, {
             "phase": self.phase, "phase_round": self.phase_round, "server_round": self.server_round,
             "weights": str(weights.relative_to(self.run_dir)), "best": self.best.to_json(),
-            "candidates": self.best.best(), "fences": self.fences})
+            "candidates": self.best.best(), "fences": self.fences,
+            "secagg_keys": {str(k): v for k, v in self.secagg_keys.items()}})
         run_state.prune_globals(self.run_dir, keep=weights)
 
     def _summary(self, seconds: float) -> dict[str, Any]:
@@ -368,9 +427,28 @@ class Protocol:
             entry = per_phase.setdefault(row["phase"], {"rounds": 0, "seconds": 0.0})
             entry["rounds"] += 1
             entry["seconds"] = round(entry["seconds"] + row["seconds"], 3)
-        return {"status": "completed", "seconds": round(seconds, 3), "exchanges": self.server_round,
-                "failed_rounds": sum("error" in row for row in self.log_rows),
-                "phases": per_phase, "m_best": self.best.best(), "val_scores": self.best.to_json()["scores"]}
+        summary = {"status": "completed", "seconds": round(seconds, 3), "exchanges": self.server_round,
+                   "failed_rounds": sum("error" in row for row in self.log_rows),
+                   "phases": per_phase, "m_best": self.best.best(), "val_scores": self.best.to_json()["scores"]}
+        epsilon = dp_epsilon_per_site(self.log_rows)
+        if epsilon:
+            summary["dp_epsilon"] = epsilon
+        return summary
+
+
+def dp_epsilon_per_site(log_rows: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per site, the last epsilon it reported (privacy.dp) and whether its budget ran out, from the round log."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in log_rows:
+        for site, entry in (row.get("sites") or {}).items():
+            metrics = entry.get("metrics") or {}
+            if MetricKey.DP_EPSILON.value in metrics:
+                previous = out.get(site, {})
+                out[site] = {"epsilon": metrics[MetricKey.DP_EPSILON.value],
+                             "budget_spent": bool(previous.get("budget_spent"))
+                             or bool(metrics.get(MetricKey.DP_BUDGET_SPENT.value)),
+                             "last_phase": row["phase"], "last_round": row["round"]}
+    return out
 
 
 def run_federation(grid: Grid, settings: FederationSettings, run_dir: Path, resume: bool = False) -> dict[str, Any]:

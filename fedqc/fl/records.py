@@ -34,6 +34,7 @@ REPLY_RECORDS = frozenset({WEIGHTS, METRICS, VAL_METRICS, CONTROL})
 
 SITE_ID = "site-id"
 NEEDS_AE = "needs-ae"
+SECAGG_KEY = "secagg-public-key"
 CONTROL_KEYS = frozenset({SITE_ID, NEEDS_AE})
 
 TRANSFER_DTYPES = ("float32", "float16", "bfloat16")
@@ -152,7 +153,7 @@ def task_content(config: Mapping[str, Scalar], weights: Mapping[str, np.ndarray]
 
 def reply_content(site_id: str, metrics: Mapping[str, Scalar], weights: Mapping[str, np.ndarray] | None = None,
                   val_metrics: Mapping[str, Scalar] | None = None, needs_ae: bool = False,
-                  transfer_dtype: str = "float32") -> RecordDict:
+                  transfer_dtype: str = "float32", secagg_key: str = "") -> RecordDict:
     """The RecordDict a site sends back: only weights, allowed metrics and the control record."""
     content = RecordDict({METRICS: metrics_to_record(metrics)})
     if weights is not None:
@@ -162,6 +163,8 @@ def reply_content(site_id: str, metrics: Mapping[str, Scalar], weights: Mapping[
     control: dict[str, Scalar] = {SITE_ID: site_id}
     if needs_ae:
         control[NEEDS_AE] = True
+    if secagg_key:  # INIT under privacy.secure_aggregation: the site's X25519 public key (fedqc.fl.secagg)
+        control[SECAGG_KEY] = secagg_key
     content[CONTROL] = config_to_record(control)
     return content
 

@@ -55,6 +55,7 @@ class SiteAnswer:
     weights: Weights | None
     reply_bytes: int
     needs_ae: bool = False
+    secagg_key: str = ""
 
 
 @dataclass
@@ -222,6 +223,7 @@ class SiteExchange:
             weights=weights,
             reply_bytes=records.record_nbytes(content[records.WEIGHTS]) if records.WEIGHTS in content else 0,
             needs_ae=bool(control.get(records.NEEDS_AE, False)),
+            secagg_key=str(control.get(records.SECAGG_KEY, "")),
         )
 
 

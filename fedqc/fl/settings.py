@@ -117,6 +117,8 @@ class FederationSettings:
     audit_replies: bool = False
     torch_threads: int = 0
     site_cache_size: int = 8
+    # privacy.secure_aggregation: weight rounds as pairwise-masked sums (fedqc.fl.secagg).
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         checks = {

@@ -12,13 +12,34 @@ from fedqc.models.segmenter import build_segmenter
 
 
 def new_segmenter(config: Config) -> torch.nn.Module:
-    return build_segmenter(config.model.preset, in_size_px=config.preprocess.size_px, network=config.model.network,
-                           kwargs=dict(config.model.kwargs) or None)
+    """M; under ``privacy.dp`` with out-of-place activations (a batch-norm network is not fixed but
+    refused when it trains: :func:`fedqc.train.privacy.check_dp_model`)."""
+    model = build_segmenter(config.model.preset, in_size_px=config.preprocess.size_px, network=config.model.network,
+                            kwargs=dict(config.model.kwargs) or None)
+    return dp_ready(model, fix_norm=False) if config.privacy.dp is not None else model
 
 
 def new_autoencoder(config: Config) -> torch.nn.Module:
-    return build_qc_autoencoder(config.preprocess.size_px, latent_channels=config.qc.ae_latent_channels,
-                                dropout=config.qc.ae_dropout)
+    """R; under ``privacy.dp`` with Opacus's replacement of its batch norm (group norm), which mixes
+    patients within a batch (docs/PRIVACY.md). Every site builds the same architecture from the
+    same config, so the weights still aggregate."""
+    ae = build_qc_autoencoder(config.preprocess.size_px, latent_channels=config.qc.ae_latent_channels,
+                              dropout=config.qc.ae_dropout)
+    return dp_ready(ae) if config.privacy.dp is not None else ae
+
+
+def dp_ready(model: torch.nn.Module, fix_norm: bool = True) -> torch.nn.Module:
+    """``model`` as Opacus can train it: with ``fix_norm`` batch norm replaced by group norm (Opacus's
+    ``ModuleValidator.fix``), and in-place activations made out-of-place (Opacus's backward hooks
+    refuse a view modified in place). Weights and names of the other layers are unchanged."""
+    from opacus.validators import ModuleValidator
+
+    if fix_norm:
+        model = ModuleValidator.fix(model)
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return model
 
 
 def segmenters_from_states(config: Config, states: Sequence[Mapping[str, torch.Tensor]],

@@ -47,6 +47,10 @@ class MetricKey(StrEnum):
     VAL_RV_DICE = "val-rv-dice"
     ALPHA = "alpha"
     SECONDS = "seconds"  # wall time of the local work
+    # privacy.dp: the site's spent epsilon (Opacus's RDP accountant over every DP-SGD step of the run
+    # on its patients, at its delta), and 1 when its budget cannot hold another round (no weights sent).
+    DP_EPSILON = "dp-epsilon"
+    DP_BUDGET_SPENT = "dp-budget-spent"
     # FENCES (labelled sites): per view, the quartiles of the best candidate's pDC / pHD over the
     # site's validation cases and their count; the coordinator pools them into the consortium's fences.
     FENCE_SA_N = "fence-SA-n"

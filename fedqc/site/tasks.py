@@ -36,6 +36,7 @@ from fedqc.site.contract import (
     candidate_prefix,
     fence_metric_key,
 )
+from fedqc.site import privacy as site_privacy
 from fedqc.site.state import SiteState
 from fedqc.train.stages import autoencoder_round, refine_round, supervised_round
 from fedqc.train.supervised import validation_score, view_passes
@@ -75,12 +76,18 @@ def supervised(site: SiteState, weights: dict, config: Mapping[str, Scalar], epo
     total = max(site.config.federation.supervised_rounds * epochs, 1)
     out, n_examples, losses, dice, rv = {}, 0, [], [], []
     passes = _view_passes(site)
+    budget = site_privacy.site_budget(site, passes)
+    if budget is not None and not budget.fits(site_privacy.round_steps(site, epochs, passes, autoencoder=False)):
+        return site_privacy.spent_reply(site, budget, Task.SUPERVISED.value)
     for view in site.config.views:
         images, labels = site.labelled_slices(view)
         model = site.load_module(new_segmenter(site.config), weights, f"seg/{view}/")
         hooks = _proximal_hooks(model, mu)
+        private = site_privacy.training(site, budget, view, autoencoder=False)
         stats = supervised_round(site.config, model, images, labels, first_epoch=(phase_round - 1) * epochs,
-                                 epochs=epochs, total_epochs=total, passes=passes[view])
+                                 epochs=epochs, total_epochs=total, passes=passes[view], privacy=private)
+        if private is not None:
+            budget.record(private)
         for h in hooks:
             h.remove()
         losses.append(stats.loss)
@@ -90,7 +97,8 @@ def supervised(site: SiteState, weights: dict, config: Mapping[str, Scalar], epo
             rv.append(validation_score(model, val, classes=(3,)))
         out.update(site.export(model, f"seg/{view}/"))
         n_examples += len(images)
-    metrics = {M.NUM_EXAMPLES.value: n_examples, M.TRAIN_LOSS.value: float(np.mean(losses))}
+    metrics = {M.NUM_EXAMPLES.value: n_examples, M.TRAIN_LOSS.value: float(np.mean(losses)),
+               **site_privacy.spent_metrics(budget)}
     if dice:
         metrics[M.VAL_DICE.value] = float(np.mean(dice))
         metrics[M.VAL_RV_DICE.value] = float(np.mean(rv))
@@ -114,18 +122,25 @@ def autoencoder(site: SiteState, weights: dict, config: Mapping[str, Scalar], ep
     m = int(config.get(ConfigKey.NUM_CANDIDATES, 0))
     out, n, losses = {}, 0, []
     passes = _view_passes(site)
+    budget = site_privacy.site_budget(site, passes)
+    if budget is not None and not budget.fits(site_privacy.round_steps(site, epochs, passes, autoencoder=True)):
+        return site_privacy.spent_reply(site, budget, Task.QC_AUTOENCODER.value)
     for view in site.config.views:
         images, labels = site.labelled_slices(view)
         ae = site.load_module(new_autoencoder(site.config), weights, f"ae/{view}/")
         # The candidates, when the coordinator sent them: their own failures teach the corrective R.
         sent = m and any(k.startswith(f"{candidate_prefix(0)}seg/{view}/") for k in weights)
         segmenters = _candidates(site, weights, view, m) if sent else None
+        private = site_privacy.training(site, budget, view, autoencoder=True)
         stats = autoencoder_round(site.config, ae, labels, first_epoch=(phase_round - 1) * epochs, epochs=epochs,
-                                  passes=passes[view], segmenters=segmenters, images=images)
+                                  passes=passes[view], segmenters=segmenters, images=images, privacy=private)
+        if private is not None:
+            budget.record(private)
         losses.append(stats.loss)
         out.update(site.export(ae, f"ae/{view}/"))
         n += len(labels)
-    return SiteReply(weights=out, metrics={M.NUM_EXAMPLES.value: n, M.TRAIN_LOSS.value: float(np.mean(losses))})
+    return SiteReply(weights=out, metrics={M.NUM_EXAMPLES.value: n, M.TRAIN_LOSS.value: float(np.mean(losses)),
+                                           **site_privacy.spent_metrics(budget)})
 
 
 def evaluate(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
@@ -283,6 +298,10 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
     alpha = float(config.get(ConfigKey.ALPHA, 1.0))
     k = int(config.get(ConfigKey.PHASE_ROUND, 1))
     control = bool(config.get(ConfigKey.CONTROL, False))  # M+sup: the supervised share only, nothing flagged
+    dp = site.config.privacy.dp
+    if dp is not None and (dp.refinement == "skip" or (dp.refinement == "unlabelled-only" and site.site.labelled)):
+        # Eq. 2 under DP (docs/PRIVACY.md): a site whose patients the DP guarantee covers sends no update.
+        return SiteReply(metrics={M.NUM_EXAMPLES.value: 0, M.NUM_FLAGGED.value: 0})
     out, n_cases, n_flagged, n_examples, n_labelled, semi, sup = {}, 0, 0, 0, 0, [], []
     for view in site.config.views:
         models = _candidates(site, weights, view, m)

@@ -29,6 +29,7 @@ from fedqc.train.augment import AugmentConfig, BatchAugmenter
 from fedqc.train.checkpoints import Checkpoint, TopKCheckpoints
 from fedqc.train.corrupt import CorruptionConfig, corrupt_masks
 from fedqc.train.losses import one_hot, qc_autoencoder_loss
+from fedqc.train.privacy import PrivateTraining
 from fedqc.train.supervised import EpochStats, epoch_seed
 
 ArrayOrTensor = np.ndarray | torch.Tensor
@@ -91,7 +92,8 @@ def segmenter_examples(models: Sequence[torch.nn.Module], images: ArrayOrTensor,
 def autoencoder_one_epoch(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: torch.optim.Optimizer, *,
                           batch_size: int, generator: torch.Generator, autocast: bool = True,
                           corruption: CorruptionConfig | None = None,
-                          examples: Examples | None = None) -> EpochStats:
+                          examples: Examples | None = None,
+                          privacy: PrivateTraining | None = None) -> EpochStats:
     """One pass over ground-truth label slices in random order.
 
     Args:
@@ -103,7 +105,10 @@ def autoencoder_one_epoch(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser:
         autocast: bf16 autocast on CUDA.
         corruption: corrupt the masks R is given (the corrective module); None: R reproduces them.
         examples: extra ``(input, target)`` pairs (:func:`segmenter_examples`), shuffled in with
-            the masks and given to R as they are.
+            the masks and given to R as they are (one per mask, in the masks' order).
+        privacy: DP-SGD, as in :func:`fedqc.train.supervised.train_one_epoch` (``ae`` and
+            ``optimiser`` wrapped by :meth:`~fedqc.train.privacy.PrivateTraining.wrap`); a
+            segmenter example belongs to the patient of the mask it was made from.
 
     Returns:
         Mean loss, number of masks, seconds.
@@ -118,10 +123,20 @@ def autoencoder_one_epoch(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser:
         labels = torch.cat([labels, examples[1].to(device).long()])
     n = labels.shape[0]
     ae.train()
-    order = torch.randperm(n, generator=generator, device=device)
+    if privacy is None:
+        order = torch.randperm(n, generator=generator, device=device)
+        steps = (order[first:first + batch_size] for first in range(0, n, batch_size))
+    else:
+        row_units = privacy.row_units(n)
+        steps = privacy.batches(generator, row_units)
     total = torch.zeros((), device=device)
-    for first in range(0, n, batch_size):
-        index = order[first:first + batch_size]
+    seen = 0
+    for index in steps:
+        optimiser.zero_grad(set_to_none=True)
+        if index.numel() == 0:  # DP: no patient drawn, the step is noise alone
+            privacy.per_unit_gradients(ae, index, row_units)
+            optimiser.step()
+            continue
         y = labels[index]
         x = corrupt_masks(y, generator, corruption) if corruption is not None else y
         if n > n_masks:  # segmenter examples go in as they are
@@ -129,12 +144,14 @@ def autoencoder_one_epoch(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser:
             x = torch.where(given, inputs[index], x)
         with autocast_context(device, autocast):
             reconstruction = ae(one_hot(x, NUM_CLASSES))
-        loss = qc_autoencoder_loss(reconstruction, y)
-        optimiser.zero_grad(set_to_none=True)
+        loss = qc_autoencoder_loss(reconstruction, y, per_sample=privacy is not None)
         loss.backward()
+        if privacy is not None:
+            privacy.per_unit_gradients(ae, index, row_units)
         optimiser.step()
         total += loss.detach() * y.shape[0]
-    mean_loss = total.item() / max(n, 1)
+        seen += y.shape[0]
+    mean_loss = total.item() / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise FedqcError(f"QC autoencoder training diverged (loss {mean_loss}); lower the learning rate")
     return EpochStats(mean_loss, n, time.perf_counter() - start)
@@ -149,13 +166,31 @@ def autoencoder_epochs(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: to
                        first_epoch: int, epochs: int, batch_size: int, seed: int, passes: int = 1,
                        autocast: bool = True, corruption: CorruptionConfig | None = None,
                        examples: Callable[[int], Examples] | None = None,
-                       after_epoch: Callable[[int, EpochStats], Any] | None = None) -> EpochStats:
+                       after_epoch: Callable[[int, EpochStats], Any] | None = None,
+                       privacy: PrivateTraining | None = None) -> EpochStats:
     """Epochs ``first_epoch ..`` of L^R: the one autoencoder loop (``fedqc train`` and a federated site).
 
     Each epoch seeds its own batch order (:func:`fedqc.train.supervised.epoch_seed`), so splitting
     the epochs into rounds draws the same batches. ``examples(seed)``: the epoch's segmenter
     examples, drawn anew each epoch from the epoch's seed (the same split into rounds or not).
+    ``privacy``: the same epochs with DP-SGD (:class:`fedqc.train.privacy.PrivateTraining`).
     """
+    if privacy is None:
+        return _autoencoder_epochs(ae, labels, optimiser, first_epoch=first_epoch, epochs=epochs,
+                                   batch_size=batch_size, seed=seed, passes=passes, autocast=autocast,
+                                   corruption=corruption, examples=examples, after_epoch=after_epoch, privacy=None)
+    trained, dp_optimiser = privacy.wrap(ae, optimiser)
+    try:
+        return _autoencoder_epochs(trained, labels, dp_optimiser, first_epoch=first_epoch, epochs=epochs,
+                                   batch_size=batch_size, seed=seed, passes=passes, autocast=autocast,
+                                   corruption=corruption, examples=examples, after_epoch=after_epoch,
+                                   privacy=privacy)
+    finally:
+        privacy.unwrap(trained)
+
+
+def _autoencoder_epochs(ae, labels, optimiser, *, first_epoch, epochs, batch_size, seed, passes, autocast,
+                        corruption, examples, after_epoch, privacy) -> EpochStats:
     device = next(ae.parameters()).device
     labels = torch.as_tensor(labels, device=device)
     stats = EpochStats(math.nan, 0, 0.0)
@@ -167,7 +202,8 @@ def autoencoder_epochs(ae: torch.nn.Module, labels: ArrayOrTensor, optimiser: to
         pairs = examples(seed_e) if examples is not None else None
         for _ in range(passes):
             stats = autoencoder_one_epoch(ae, labels, optimiser, batch_size=batch_size, generator=generator,
-                                          autocast=autocast, corruption=corruption, examples=pairs)
+                                          autocast=autocast, corruption=corruption, examples=pairs,
+                                          privacy=privacy)
             seconds += stats.seconds
         stats = EpochStats(stats.loss, stats.num_examples, seconds)
         if after_epoch is not None:
@@ -244,7 +280,8 @@ def train_qc_autoencoder(ae: torch.nn.Module, label_slices: ArrayOrTensor, *, ep
                          progress: Callable[[dict[str, float]], Any] | None = None,
                          autocast: bool = True, passes: int = 1,
                          corruption: CorruptionConfig | None = None,
-                         examples: Callable[[int], Examples] | None = None) -> AutoencoderResult:
+                         examples: Callable[[int], Examples] | None = None,
+                         privacy: PrivateTraining | None = None) -> AutoencoderResult:
     """Train the QC autoencoder with Adam on ground-truth masks.
 
     Args:
@@ -282,7 +319,7 @@ def train_qc_autoencoder(ae: torch.nn.Module, label_slices: ArrayOrTensor, *, ep
 
     autoencoder_epochs(ae, labels, optimiser, first_epoch=0, epochs=epochs, batch_size=batch_size, seed=seed,
                        passes=passes, autocast=autocast, corruption=corruption, examples=examples,
-                       after_epoch=validate_and_keep)
+                       after_epoch=validate_and_keep, privacy=privacy)
     best = keeper.ranked()[0] if len(keeper) else None
     if best is not None and restore_best:
         ae.load_state_dict(best.state_dict)

@@ -85,19 +85,21 @@ def generalized_dice_loss(probs: torch.Tensor, target: torch.Tensor,
     return (1.0 - numer / denom).mean()
 
 
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def supervised_loss(logits: torch.Tensor, labels: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     """Eq. 1: generalised Dice on the softmax plus cross-entropy, for one (N, C, H, W) output.
 
     Args:
         logits: (N, C, H, W) logits.
         labels: (N, H, W) integer labels.
+        per_sample: the Dice of each slice, averaged (a sum of per-slice terms, as DP-SGD needs)
+            instead of one Dice pooled over the batch.
 
     Returns:
         Scalar loss.
     """
     logits = logits.float()
     labels = labels.long()
-    gd = generalized_dice_loss(torch.softmax(logits, dim=1), one_hot(labels, logits.shape[1]))
+    gd = generalized_dice_loss(torch.softmax(logits, dim=1), one_hot(labels, logits.shape[1]), batch=not per_sample)
     return gd + F.cross_entropy(logits, labels)
 
 
@@ -150,7 +152,7 @@ def deep_supervised(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     return total
 
 
-def qc_autoencoder_loss(reconstruction: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def qc_autoencoder_loss(reconstruction: torch.Tensor, labels: torch.Tensor, per_sample: bool = False) -> torch.Tensor:
     """The QC autoencoder loss L^R = MSE(y^R, y) + GD(y^R, y) against one-hot ground truth.
 
     Args:
@@ -162,7 +164,7 @@ def qc_autoencoder_loss(reconstruction: torch.Tensor, labels: torch.Tensor) -> t
     """
     reconstruction = reconstruction.float()
     target = one_hot(labels, reconstruction.shape[1])
-    return F.mse_loss(reconstruction, target) + generalized_dice_loss(reconstruction, target)
+    return F.mse_loss(reconstruction, target) + generalized_dice_loss(reconstruction, target, batch=not per_sample)
 
 
 def semi_supervised_term(probs: torch.Tensor, pseudo_target: torch.Tensor,

@@ -200,6 +200,35 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> flo
     return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
 
 
+def calibrate_phases(epsilon: float, delta: float, plan: Sequence[tuple[str, float, int]],
+                     tolerance: float = 0.005) -> dict[str, float]:
+    """A noise multiplier per phase whose composition (Opacus's RDP accountant) spends ``epsilon``.
+
+    Each phase first gets the sigma at which it alone spends ``(epsilon / K, delta / K)`` (K phases:
+    by basic composition they would spend at most ``(epsilon, delta)`` together); RDP composes far
+    tighter, so all of them are then scaled by one factor until the composition spends ``epsilon``.
+    One sigma for every phase would let the phase with the highest sample rate (the LA view: few
+    slices, many passes) set the noise of all: split this way, the SA segmenter trains at far less.
+    """
+    phases = [(name, q, n) for name, q, n in plan if n > 0]
+    if not phases:
+        return {}
+    k = len(phases)
+    base = {name: calibrate_noise(epsilon / k, delta / k, [(q, n)]) for name, q, n in phases}
+
+    def eps(scale: float) -> float:
+        return epsilon_of([(scale * base[name], q, n) for name, q, n in phases], delta)
+
+    low, high = 0.0, 1.0
+    while high - low > 1e-4 and epsilon - eps(high) > tolerance:
+        mid = (low + high) / 2
+        if eps(mid) > epsilon:
+            low = mid
+        else:
+            high = mid
+    return {name: high * sigma for name, sigma in base.items()}
+
+
 def calibrate_noise(epsilon: float, delta: float, plan: Sequence[tuple[float, int]],
                     tolerance: float = 0.005) -> float:
     """The smallest noise multiplier (to ``tolerance`` in epsilon) whose planned steps spend <= epsilon.
@@ -235,10 +264,12 @@ class PrivacyBudget:
     Attributes:
         epsilon: the budget.
         delta: the target delta.
-        noise_multiplier: sigma of every step (calibrated once, or the config's).
+        noise_multiplier: sigma of a phase without its own (the config's, when it gives one).
         max_grad_norm: per-patient clip.
         history: ``(sigma, q, steps)`` entries, Opacus's accountant history.
         path: the JSON file it lives in (None: memory only, e.g. ``fedqc train``).
+        planned: ``(phase, q, steps)`` of every DP-SGD phase the run plans.
+        phase_noise: phase -> sigma (:func:`calibrate_phases`; empty when the config fixes sigma).
     """
 
     epsilon: float
@@ -249,37 +280,46 @@ class PrivacyBudget:
     path: Path | None = None
     planned: list = field(default_factory=list)
     run_key: str = ""
+    phase_noise: dict = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: Path | None, *, epsilon: float, delta: float, max_grad_norm: float,
-             noise_multiplier: float | None, plan: Sequence[tuple[float, int]], run_key: str = "") -> PrivacyBudget:
-        """The ledger at ``path`` if it belongs to this run (``run_key``), else a fresh one for ``plan``."""
+             noise_multiplier: float | None, plan: Sequence[tuple[str, float, int]],
+             run_key: str = "") -> PrivacyBudget:
+        """The ledger at ``path`` if it belongs to this run (``run_key``), else a fresh one for ``plan``
+        (``(phase, q, steps)``): sigma per phase calibrated (:func:`calibrate_phases`) unless the config
+        fixes ``noise_multiplier``."""
         if path is not None and Path(path).is_file():
             data = json.loads(Path(path).read_text())
             if data.get("run_key") == run_key:
                 return cls(data["epsilon"], data["delta"], data["noise_multiplier"], data["max_grad_norm"],
                            [tuple(h) for h in data["history"]], Path(path), [tuple(p) for p in data["planned"]],
-                           run_key)
-        sigma = noise_multiplier if noise_multiplier is not None else calibrate_noise(epsilon, delta, plan)
+                           run_key, dict(data.get("phase_noise") or {}))
+        phase_noise = {} if noise_multiplier is not None else calibrate_phases(epsilon, delta, plan)
+        sigma = noise_multiplier if noise_multiplier is not None else max(phase_noise.values(), default=1.0)
         budget = cls(epsilon, delta, float(sigma), max_grad_norm, [], None if path is None else Path(path),
-                     [tuple(p) for p in plan], run_key)
+                     [tuple(p) for p in plan], run_key, phase_noise)
         budget.save()
         return budget
+
+    def noise_of(self, phase: str) -> float:
+        return float(self.phase_noise.get(phase, self.noise_multiplier))
 
     def spent(self) -> float:
         return epsilon_of(self.history, self.delta)
 
-    def would_spend(self, steps: Sequence[tuple[float, int]]) -> float:
-        """Epsilon after the steps ``(q, steps)`` on top of what is spent."""
-        return epsilon_of([*self.history, *((self.noise_multiplier, q, n) for q, n in steps)], self.delta)
+    def would_spend(self, steps: Sequence[tuple[str, float, int]]) -> float:
+        """Epsilon after the steps ``(phase, q, steps)`` on top of what is spent."""
+        return epsilon_of([*self.history, *((self.noise_of(p), q, n) for p, q, n in steps)], self.delta)
 
-    def fits(self, steps: Sequence[tuple[float, int]]) -> bool:
+    def fits(self, steps: Sequence[tuple[str, float, int]]) -> bool:
         return self.would_spend(steps) <= self.epsilon * (1 + 1e-9)
 
-    def training(self, units: np.ndarray, batch_size: int, seed: int | None = None) -> PrivateTraining:
-        """The DP-SGD option of one training call, recording into this ledger."""
+    def training(self, units: np.ndarray, batch_size: int, seed: int | None = None,
+                 phase: str = "") -> PrivateTraining:
+        """The DP-SGD option of one training call of ``phase``, recording into this ledger."""
         accountant = new_accountant()
-        return PrivateTraining(self.noise_multiplier, self.max_grad_norm, units, batch_size, accountant, seed)
+        return PrivateTraining(self.noise_of(phase), self.max_grad_norm, units, batch_size, accountant, seed)
 
     def record(self, private: PrivateTraining) -> None:
         """Add the steps ``private`` took to the ledger (Opacus's accountant history) and save."""
@@ -293,16 +333,14 @@ class PrivacyBudget:
         data = {"run_key": self.run_key, "accountant": ACCOUNTANT, "unit": PRIVACY_UNIT,
                 "epsilon": self.epsilon, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "max_grad_norm": self.max_grad_norm, "history": [list(h) for h in self.history],
-                "planned": [list(p) for p in self.planned], "spent": self.spent()}
+                "planned": [list(p) for p in self.planned], "phase_noise": self.phase_noise,
+                "spent": self.spent()}
         atomic_write(self.path, json.dumps(data, indent=2) + "\n")
 
 
 def _merged(history: Sequence[tuple]) -> list[tuple]:
-    """Consecutive entries of one (sigma, q) merged, as Opacus's accountant does."""
-    out: list[list] = []
+    """Entries of one (sigma, q) merged (RDP composes by adding: the order of phases does not matter)."""
+    out: dict[tuple[float, float], int] = {}
     for sigma, q, n in history:
-        if out and out[-1][0] == sigma and out[-1][1] == q:
-            out[-1][2] += n
-        else:
-            out.append([sigma, q, n])
-    return [tuple(h) for h in out]
+        out[(sigma, q)] = out.get((sigma, q), 0) + int(n)
+    return [(sigma, q, n) for (sigma, q), n in out.items()]

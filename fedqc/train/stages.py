@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +43,7 @@ from fedqc.train.autoencoder import (
 )
 from fedqc.train.corrupt import CorruptionConfig
 from fedqc.train.losses import alpha_schedule
+from fedqc.train.privacy import PrivacyBudget, PrivateTraining, check_dp_model, unit_index
 from fedqc.train.refine import refine_epoch
 from fedqc.train.supervised import (
     EpochStats,
@@ -80,14 +83,55 @@ def refine_optimiser(config: Config, model: torch.nn.Module) -> torch.optim.Opti
 
 
 def supervised_round(config: Config, model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *,
-                     first_epoch: int, epochs: int, total_epochs: int, passes: int = 1) -> EpochStats:
-    """``epochs`` epochs of Eq. 1 from the model's current weights (a fresh optimiser)."""
+                     first_epoch: int, epochs: int, total_epochs: int, passes: int = 1,
+                     privacy: PrivateTraining | None = None) -> EpochStats:
+    """``epochs`` epochs of Eq. 1 from the model's current weights (a fresh optimiser);
+    ``privacy``: with DP-SGD (:mod:`fedqc.train.privacy`)."""
     tc = config.train
     schedule = optimiser_config(config)
     optimiser = build_optimiser(model, tc.lr, schedule)
+    if privacy is not None:
+        check_dp_model(model, "model.network" if config.model.network else "model.preset", config.preprocess.size_px)
     return train_epochs(model, images, labels, optimiser, first_epoch=first_epoch, epochs=epochs,
                         total_epochs=total_epochs, lr=tc.lr, schedule=schedule, batch_size=tc.batch_size,
-                        seed=tc.seed, augment=tc.augment, passes=passes)
+                        seed=tc.seed, augment=tc.augment, passes=passes, privacy=privacy)
+
+
+def dp_phase(view: str, autoencoder: bool) -> str:
+    """The name of a DP-SGD phase in a site's ledger (its noise multiplier is its own)."""
+    return f"{'autoencoder' if autoencoder else 'segmenter'}/{view}"
+
+
+def dp_steps(config: Config, view: str, slices: int, epochs: int, passes: int,
+             autoencoder: bool = False) -> tuple[str, float, int]:
+    """``(phase, sample rate, steps)`` of ``epochs`` DP-SGD epochs of ``passes`` passes over ``slices`` slices."""
+    batch = config.qc.ae_batch_size if autoencoder else config.train.batch_size
+    q = min(1.0, batch / max(slices, 1))
+    return dp_phase(view, autoencoder), q, epochs * passes * max(1, math.ceil(1.0 / q))
+
+
+def dp_plan(config: Config, slices: Mapping[str, int], passes: Mapping[str, int], supervised_epochs: int,
+            ae_epochs: int) -> list[tuple[str, float, int]]:
+    """Every DP-SGD phase a run takes on one site's patients: the segmenter and R of each view."""
+    plan = []
+    for view, n in slices.items():
+        if n:
+            plan.append(dp_steps(config, view, n, supervised_epochs, passes[view]))
+            plan.append(dp_steps(config, view, n, ae_epochs, passes[view], autoencoder=True))
+    return [p for p in plan if p[2] > 0]
+
+
+def slice_units(cases: Sequence[PreparedCase]) -> np.ndarray:
+    """Per labelled slice (in :func:`fedqc.data.site.stack_slices`' order), its patient's index: the
+    privacy unit of DP-SGD (a subject's ED and ES cases are one patient)."""
+    subjects = [c.case.subject for c in cases if c.labels is not None for _ in range(len(c.images))]
+    return unit_index(subjects)
+
+
+def dp_delta(config: Config, slices: int) -> float:
+    """``privacy.dp.delta``, or 1 / the training slices (below 1 / patients)."""
+    dp = config.privacy.dp
+    return dp.delta if dp.delta is not None else 1.0 / max(slices, 2)
 
 
 def corruption_of(config: Config) -> CorruptionConfig | None:
@@ -108,15 +152,16 @@ def examples_of(config: Config, segmenters: Sequence[torch.nn.Module] | None, im
 
 def autoencoder_round(config: Config, ae: torch.nn.Module, labels: np.ndarray, *, first_epoch: int, epochs: int,
                       passes: int = 1, segmenters: Sequence[torch.nn.Module] | None = None,
-                      images: np.ndarray | None = None) -> EpochStats:
+                      images: np.ndarray | None = None, privacy: PrivateTraining | None = None) -> EpochStats:
     """``epochs`` epochs of L^R from the autoencoder's current weights (a fresh optimiser);
-    ``segmenters`` and ``images``: the candidates and the slices of :func:`examples_of`."""
+    ``segmenters`` and ``images``: the candidates and the slices of :func:`examples_of`;
+    ``privacy``: with DP-SGD."""
     qc = config.qc
     optimiser = autoencoder_optimiser(ae, qc.ae_lr, AE_WEIGHT_DECAY)
     return autoencoder_epochs(ae, labels, optimiser, first_epoch=first_epoch, epochs=epochs,
                               batch_size=qc.ae_batch_size, seed=config.train.seed, passes=passes,
                               corruption=corruption_of(config),
-                              examples=examples_of(config, segmenters, images, labels))
+                              examples=examples_of(config, segmenters, images, labels), privacy=privacy)
 
 
 @dataclass
@@ -139,18 +184,50 @@ def train_supervised(config: Config, train_cases: Sequence[PreparedCase], val_ca
     tc = config.train
     seed_everything(tc.seed)
     model = new_segmenter(config).to(device)
+    budget = centralised_budget(config, len(images), passes, with_autoencoder)
+    private = (budget.training(slice_units(train_cases), tc.batch_size, secrets.randbits(62),
+                               phase=dp_phase("view", False)) if budget else None)
+    if private is not None:
+        check_dp_model(model, "model.network" if config.model.network else "model.preset", config.preprocess.size_px)
     result = train_segmenter(model, images, labels, val, epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
                              optimiser=optimiser_config(config), m_best=tc.m_best, augment=tc.augment,
                              device=device, seed=tc.seed, passes=passes,
-                             progress=_epoch_printer("segmenter", tc.epochs, progress))
+                             progress=_epoch_printer("segmenter", tc.epochs, progress), privacy=private)
+    if budget is not None:
+        budget.record(private)
     states = [c.state_dict for c in result.checkpoints]
     info = [{"rank": i, "epoch": c.epoch, "val_score": c.score} for i, c in enumerate(result.checkpoints)]
     history = {"segmenter": result.history}
     if not with_autoencoder:
+        history.update(_privacy_history(budget))
         return SupervisedResult(states, info, {}, history)
-    ae_result = train_autoencoder(config, states, images, labels, val_cases, device, progress=progress, passes=passes)
+    ae_result = train_autoencoder(config, states, images, labels, val_cases, device, progress=progress, passes=passes,
+                                  budget=budget, units=slice_units(train_cases) if budget else None)
     history["autoencoder"] = ae_result.history
+    history.update(_privacy_history(budget))
     return SupervisedResult(states, info, ae_result.state, history)
+
+
+def centralised_budget(config: Config, slices: int, passes: int, with_autoencoder: bool) -> PrivacyBudget | None:
+    """``fedqc train`` under ``privacy.dp``: a budget (in memory) for this call's segmenter and R, the
+    noise calibrated to their planned steps. Each call (one view) is accounted on its own; the views
+    of the same patients compose (docs/PRIVACY.md)."""
+    dp = config.privacy.dp
+    if dp is None:
+        return None
+    plan = dp_plan(config, {"view": slices}, {"view": passes}, config.train.epochs,
+                   config.qc.ae_epochs if with_autoencoder else 0)
+    return PrivacyBudget.open(None, epsilon=dp.epsilon, delta=dp_delta(config, slices),
+                              max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier, plan=plan)
+
+
+def _privacy_history(budget: PrivacyBudget | None) -> dict:
+    if budget is None:
+        return {}
+    return {"privacy": {"epsilon": budget.spent(), "delta": budget.delta, "noise_multiplier": budget.noise_multiplier,
+                        "phase_noise": dict(budget.phase_noise),
+                        "max_grad_norm": budget.max_grad_norm, "accountant": "rdp", "unit": "patient",
+                        "steps": [list(h) for h in budget.history]}}
 
 
 @dataclass
@@ -161,7 +238,8 @@ class AutoencoderStage:
 
 def train_autoencoder(config: Config, candidate_states: Sequence[Mapping[str, torch.Tensor]], images: np.ndarray,
                       labels: np.ndarray, val_cases: Sequence[PreparedCase], device: torch.device,
-                      progress: Progress = print, passes: int = 1) -> AutoencoderStage:
+                      progress: Progress = print, passes: int = 1, budget: PrivacyBudget | None = None,
+                      units: np.ndarray | None = None) -> AutoencoderStage:
     """L^R on the labelled training masks (``qc.ae_epochs``; best validation epoch kept): ``qc.autoencoder``
     decides plain or corrective, ``qc.segmenter_examples`` whether the candidates' own failures on
     ``images`` are examples too (:func:`examples_of`)."""
@@ -174,12 +252,17 @@ def train_autoencoder(config: Config, candidate_states: Sequence[Mapping[str, to
     ae = new_autoencoder(config).to(device)
     qc = config.qc
     val_labels = [c.labels for c in val_cases if c.labels is not None]
+    private = (budget.training(units, qc.ae_batch_size, secrets.randbits(62), phase=dp_phase("view", True))
+               if budget is not None else None)
     ae_result = train_qc_autoencoder(ae, labels, epochs=qc.ae_epochs, batch_size=qc.ae_batch_size, lr=qc.ae_lr,
                                      weight_decay=AE_WEIGHT_DECAY,
                                      val_labels=np.concatenate(val_labels) if val_labels else None, device=device,
                                      seed=config.train.seed, passes=passes, corruption=corruption_of(config),
                                      examples=examples_of(config, candidates, images, labels),
-                                     progress=_epoch_printer("QC autoencoder", qc.ae_epochs, progress))
+                                     progress=_epoch_printer("QC autoencoder", qc.ae_epochs, progress),
+                                     privacy=private)
+    if private is not None:
+        budget.record(private)
     return AutoencoderStage({k: v.detach().cpu().clone() for k, v in ae.state_dict().items()}, ae_result.history)
 
 

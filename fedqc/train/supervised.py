@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +31,7 @@ from fedqc.models.segmenter import predict_probabilities
 from fedqc.train.augment import AugmentConfig, BatchAugmenter
 from fedqc.train.checkpoints import Checkpoint, TopKCheckpoints
 from fedqc.train.losses import deep_supervised, supervised_loss
+from fedqc.train.privacy import PrivateTraining
 
 FOREGROUND: tuple[int, ...] = (Label.LV, Label.MYO, Label.RV)
 ArrayOrTensor = np.ndarray | torch.Tensor
@@ -132,7 +134,8 @@ def as_device_tensors(images: ArrayOrTensor, labels: ArrayOrTensor,
 def train_one_epoch(model: torch.nn.Module, images: ArrayOrTensor, labels: ArrayOrTensor,
                     optimiser: torch.optim.Optimizer, *, batch_size: int, generator: torch.Generator,
                     augmenter: BatchAugmenter | None = None, grad_clip: float | None = 12.0,
-                    autocast: bool = True, channels_last: bool = False) -> EpochStats:
+                    autocast: bool = True, channels_last: bool = False,
+                    privacy: PrivateTraining | None = None) -> EpochStats:
     """One pass over the labelled slices in random order with the Eq. 1 loss (deep-supervised if any).
 
     Args:
@@ -146,6 +149,10 @@ def train_one_epoch(model: torch.nn.Module, images: ArrayOrTensor, labels: Array
         grad_clip: clip the global gradient norm to this (None: no clipping).
         autocast: bf16 autocast on CUDA.
         channels_last: feed channels-last batches (pair with a channels-last model).
+        privacy: DP-SGD (:mod:`fedqc.train.privacy`): ``model`` and ``optimiser`` are the ones its
+            :meth:`~fedqc.train.privacy.PrivateTraining.wrap` returned; steps draw patients by
+            Poisson sampling, the loss is per slice, Opacus clips per patient and adds noise
+            (``grad_clip`` is not used).
 
     Returns:
         The epoch's mean loss, number of examples and seconds.
@@ -155,10 +162,21 @@ def train_one_epoch(model: torch.nn.Module, images: ArrayOrTensor, labels: Array
     images, labels = as_device_tensors(images, labels, device)
     n = images.shape[0]
     model.train()
-    order = torch.randperm(n, generator=generator, device=device)
+    if privacy is None:
+        order = torch.randperm(n, generator=generator, device=device)
+        steps = (order[first:first + batch_size] for first in range(0, n, batch_size))
+        loss_fn = supervised_loss
+    else:
+        steps = privacy.batches(generator)
+        loss_fn = partial(supervised_loss, per_sample=True)
     total = torch.zeros((), device=device)
-    for first in range(0, n, batch_size):
-        idx = order[first:first + batch_size]
+    seen = 0
+    for idx in steps:
+        optimiser.zero_grad(set_to_none=True)
+        if idx.numel() == 0:  # DP: no patient drawn, the step is noise alone
+            privacy.per_unit_gradients(model, idx)
+            optimiser.step()
+            continue
         x, y = images[idx], labels[idx]
         if augmenter is not None:
             x, y = augmenter(x, y)
@@ -166,14 +184,16 @@ def train_one_epoch(model: torch.nn.Module, images: ArrayOrTensor, labels: Array
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, autocast):
             output = model(x)
-        loss = deep_supervised(supervised_loss, output, y)
-        optimiser.zero_grad(set_to_none=True)
+        loss = deep_supervised(loss_fn, output, y)
         loss.backward()
-        if grad_clip is not None:
+        if privacy is not None:
+            privacy.per_unit_gradients(model, idx)
+        elif grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimiser.step()
         total += loss.detach() * idx.numel()
-    mean_loss = total.item() / max(n, 1)
+        seen += idx.numel()
+    mean_loss = total.item() / max(seen, 1)
     if not math.isfinite(mean_loss):
         raise FedqcError(f"training diverged (loss {mean_loss}); lower the learning rate")
     return EpochStats(mean_loss, n, time.perf_counter() - start)
@@ -207,17 +227,38 @@ def train_epochs(model: torch.nn.Module, images: ArrayOrTensor, labels: ArrayOrT
                  schedule: OptimiserConfig, batch_size: int, seed: int, augment: bool | AugmentConfig = True,
                  passes: int = 1, grad_clip: float | None = 12.0, autocast: bool = True,
                  channels_last: bool = False,
-                 after_epoch: Callable[[int, float, EpochStats], Any] | None = None) -> EpochStats:
+                 after_epoch: Callable[[int, float, EpochStats], Any] | None = None,
+                 privacy: PrivateTraining | None = None) -> EpochStats:
     """Epochs ``first_epoch .. first_epoch + epochs - 1`` (0-based, of ``total_epochs``) of Eq. 1.
 
     The one supervised loop: ``fedqc train`` runs all epochs in one call, a federated site runs a
     round's local epochs from the global weights (``first_epoch`` = epochs before this round).
     Each epoch sets the scheduled learning rate, seeds its own randomness (:func:`epoch_seed`) and
-    makes ``passes`` passes over the slices.
+    makes ``passes`` passes over the slices. ``privacy``: the same epochs with DP-SGD
+    (:class:`fedqc.train.privacy.PrivateTraining`; its accountant records every step).
 
     Returns:
         The last pass's statistics (``num_examples`` counts one pass).
     """
+    if privacy is not None:
+        trained, dp_optimiser = privacy.wrap(model, optimiser)
+        try:
+            return _train_epochs(trained, images, labels, dp_optimiser, optimiser, first_epoch=first_epoch,
+                                 epochs=epochs, total_epochs=total_epochs, lr=lr, schedule=schedule,
+                                 batch_size=batch_size, seed=seed, augment=augment, passes=passes,
+                                 grad_clip=None, autocast=autocast, channels_last=channels_last,
+                                 after_epoch=after_epoch, privacy=privacy)
+        finally:
+            privacy.unwrap(trained)
+    return _train_epochs(model, images, labels, optimiser, optimiser, first_epoch=first_epoch, epochs=epochs,
+                         total_epochs=total_epochs, lr=lr, schedule=schedule, batch_size=batch_size, seed=seed,
+                         augment=augment, passes=passes, grad_clip=grad_clip, autocast=autocast,
+                         channels_last=channels_last, after_epoch=after_epoch, privacy=None)
+
+
+def _train_epochs(model, images, labels, optimiser, lr_optimiser, *, first_epoch, epochs, total_epochs, lr, schedule,
+                  batch_size, seed, augment, passes, grad_clip, autocast, channels_last, after_epoch,
+                  privacy) -> EpochStats:
     device = next(model.parameters()).device
     images, labels = as_device_tensors(images, labels, device)
     aug_config = None
@@ -226,7 +267,7 @@ def train_epochs(model: torch.nn.Module, images: ArrayOrTensor, labels: ArrayOrT
     stats = EpochStats(math.nan, 0, 0.0)
     for epoch in range(first_epoch, first_epoch + epochs):
         epoch_lr = scheduled_lr(lr, epoch, total_epochs, schedule)
-        set_lr(optimiser, epoch_lr)
+        set_lr(lr_optimiser, epoch_lr)
         seed_e = epoch_seed(seed, epoch)
         seed_everything(seed_e)
         generator = make_generator(seed_e, device)
@@ -235,7 +276,7 @@ def train_epochs(model: torch.nn.Module, images: ArrayOrTensor, labels: ArrayOrT
         for _ in range(passes):
             stats = train_one_epoch(model, images, labels, optimiser, batch_size=batch_size, generator=generator,
                                     augmenter=augmenter, grad_clip=grad_clip, autocast=autocast,
-                                    channels_last=channels_last)
+                                    channels_last=channels_last, privacy=privacy)
             seconds += stats.seconds
         stats = EpochStats(stats.loss, stats.num_examples, seconds)
         if after_epoch is not None:
@@ -308,7 +349,8 @@ def train_segmenter(model: torch.nn.Module, train_images: ArrayOrTensor, train_l
                     augment: bool | AugmentConfig = True, device: str | torch.device = "auto", seed: int = 0,
                     progress: Callable[[dict[str, float]], Any] | None = None, grad_clip: float | None = 12.0,
                     score_classes: Sequence[int] = FOREGROUND, checkpoint_dir: str | None = None,
-                    autocast: bool = True, channels_last: bool = False, passes: int = 1) -> TrainResult:
+                    autocast: bool = True, channels_last: bool = False, passes: int = 1,
+                    privacy: PrivateTraining | None = None) -> TrainResult:
     """Train a segmenter with Eq. 1 and keep the m_best checkpoints by validation Dice.
 
     Args:
@@ -332,6 +374,7 @@ def train_segmenter(model: torch.nn.Module, train_images: ArrayOrTensor, train_l
         autocast: bf16 autocast on CUDA.
         channels_last: channels-last memory format (CUDA).
         passes: passes over the slices per epoch (:func:`view_passes`).
+        privacy: DP-SGD (:class:`fedqc.train.privacy.PrivateTraining`), see :func:`train_epochs`.
 
     Returns:
         The ranked checkpoints and the per-epoch history.
@@ -358,5 +401,6 @@ def train_segmenter(model: torch.nn.Module, train_images: ArrayOrTensor, train_l
 
     train_epochs(model, images, labels, opt, first_epoch=0, epochs=epochs, total_epochs=epochs, lr=lr,
                  schedule=config, batch_size=batch_size, seed=seed, augment=augment, grad_clip=grad_clip,
-                 autocast=autocast, channels_last=channels_last, passes=passes, after_epoch=validate_and_keep)
+                 autocast=autocast, channels_last=channels_last, passes=passes, after_epoch=validate_and_keep,
+                 privacy=privacy)
     return TrainResult(keeper.ranked(), history)

@@ -60,7 +60,8 @@ def audit_problems(entry: dict, site: str, parameters: dict[str, list[int]], loc
         elif name == records.CONTROL and kind == "ConfigRecord":
             for key, value in items.items():
                 ok = (key == records.SITE_ID and value["value"] == site) or (
-                    key == records.NEEDS_AE and value["type"] == "bool")
+                    key == records.NEEDS_AE and value["type"] == "bool") or (  # secure aggregation's X25519 key
+                    key == records.SECAGG_KEY and re.fullmatch(r"[0-9a-f]{64}", str(value["value"])) is not None)
                 if not ok:
                     problems.append(f"control entry {key!r} = {value['value']!r} is not allowed")
         else:
@@ -124,4 +125,6 @@ def test_the_allow_list_is_exactly_the_reviewed_keys():
     counts = {"num-examples", "num-cases", "num-flagged", "num-labelled"}
     training = {"train-loss", "sup-loss", "semi-loss", "val-loss", "val-dice", "val-rv-dice", "alpha", "seconds"}
     fences = {f"fence-{view}-{stat}" for view in ("SA", "LA") for stat in ("n", "pdc_q1", "pdc_q3", "phd_q1", "phd_q3")}
-    assert ALLOWED_METRIC_KEYS == counts | training | fences
+    # privacy.dp: a site's spent epsilon (one scalar of its accountant) and the flag that its budget is spent.
+    privacy = {"dp-epsilon", "dp-budget-spent"}
+    assert ALLOWED_METRIC_KEYS == counts | training | fences | privacy
