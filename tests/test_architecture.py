@@ -7,7 +7,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fedqc"
 # Layers, bottom first: a module may import its own layer and those below, never one above.
-LAYERS = ["core", "config", "data", "models", "qc", "train", "predict", "evaluation", "site", "fl", "cli"]
+LAYERS = ["core", "config", "data", "models", "qc", "train", "adapt", "predict", "evaluation", "site", "fl", "cli"]
 
 
 def _module_name(path: Path) -> str:

@@ -264,7 +264,7 @@ def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int
 
 
 def ablation_command(config_path: Path, out: Path, seeds: Sequence[int], overrides=None,
-                     report_from: Sequence[Path] = ()) -> int:
+                     report_from: Sequence[Path] = (), transductive: bool = True) -> int:
     from fedqc.core.io import write_json
     from fedqc.evaluation.experiment import (
         aggregate,
@@ -282,9 +282,14 @@ def ablation_command(config_path: Path, out: Path, seeds: Sequence[int], overrid
         results = []
         for seed in seeds:
             print(f"=== seed {seed}")
-            results.append(run_seed(config, seed, out))
+            results.append(run_seed(config, seed, out, transductive=transductive))
             write_json(out / "ablation.json", results)
     report = aggregate(results, config) + "\n\n" + quality_tables(results, config)
+    if config.adapt.peers:  # the label-free peers side by side (fedqc.adapt), with their figure
+        from fedqc.evaluation.peers_report import peers_png, peers_report
+
+        report += "\n\n" + peers_report(results, config)
+        peers_png(results, config, out / "peers.png")
     (out / "ablation.md").write_text(report + "\n")
     print(report)
     return 0

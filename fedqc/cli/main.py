@@ -54,7 +54,8 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     from fedqc.cli.commands import ablation_command
 
     return ablation_command(Path(args.config), Path(args.out), seeds=args.seeds, overrides=_overrides(args.set),
-                            report_from=[Path(p) for p in args.report_from or ()])
+                            report_from=[Path(p) for p in args.report_from or ()],
+                            transductive=not args.no_transductive)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     p.add_argument("--report-from", nargs="+", default=None, metavar="DIR",
                    help="only rebuild the report from the seed*_VIEW.json files of earlier runs")
+    p.add_argument("--no-transductive", action="store_true",
+                   help="skip the transductive refinement (refining on the test cases themselves)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
     p.set_defaults(func=_cmd_ablation)
 

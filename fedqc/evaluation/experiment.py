@@ -22,6 +22,7 @@ import numpy as np
 from fedqc.config import Config
 from fedqc.core.device import select_device
 from fedqc.core.io import write_json
+from fedqc.adapt.peers import adapt_peers
 from fedqc.data.site import load_site_split
 from fedqc.evaluation.variants import (
     calibration,
@@ -62,15 +63,21 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
         chosen = {site: choose_fences(config.qc.threshold_source, labelled_val=lambda: th_val,
                                       unlabelled=lambda s=site: th_own[s], where=f"{site} {view}")
                   for site in pools}
+        t_refine = time.perf_counter()
         refined, log = refine(config, models, ae, pools, chosen, train, device)
+        t_refine = time.perf_counter() - t_refine
         control, _ = refine(config, models, ae, pools, chosen, train, device, progress=None, alpha_scale=0.0)
+        # The label-free peers (fedqc.adapt), each adapted from M at a site on its own pool.
+        peers = {site: adapt_peers(config, models[0], ae, pool, device, seed) for site, pool in pools.items()
+                 if config.adapt.peers}
         records, fence_eval = [], {}
         for split in splits:
             th = chosen.get(split.site, th_val)
             for case in split.test:
                 records += score_case_variants(config, split.site, case, {
                     "M": (models[:1], False), "{M}+QC": (models, True), "M+sup": (control[:1], False),
-                    "{M+sup}+QC": (control, True), "full": (refined, True)}, ae, th, device)
+                    "{M+sup}+QC": (control, True), "full": (refined, True),
+                    **{name: ([a.model], False) for name, a in peers.get(split.site, {}).items()}}, ae, th, device)
             if split.site in th_own and split.test:
                 true_dice = np.array([r.rv_dice for r in records if r.site == split.site and r.variant == "M"])
                 scores = score_cases(models, ae, split.test, config.qc, device)
@@ -78,6 +85,10 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
                                           "unlabelled": _flag_quality(scores, th_own[split.site], true_dice)}
         entry = {"records": [dataclasses.asdict(r) for r in records], "summary": summarise_variants(records),
                  "calibration": calibration(records, "M"), "fence_eval": fence_eval, "refine_log": log.__dict__}
+        if peers:  # compute per site: the peers' own, refinement's for all unlabelled sites together
+            entry["adapt"] = {"full_refine_seconds": t_refine, "sites": {
+                site: {name: {"seconds": a.seconds, "applied": a.applied, "note": a.note} for name, a in by.items()}
+                for site, by in peers.items()}}
         if transductive:
             tests = {s.site: s.test for s in splits if not config.site(s.site).labelled and s.test}
             tchosen = {site: choose_fences(config.qc.threshold_source, labelled_val=lambda: th_val,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from fedqc.adapt.peers import PEER_VARIANTS
 from fedqc.config import Config
 from fedqc.data.nifti import load_image, load_label
 from fedqc.data.preprocess import restore_probabilities
@@ -32,6 +33,8 @@ from fedqc.qc.thresholds import Thresholds
 # M+sup / {M+sup}+QC: the compute-matched control, refinement's supervised share without the
 # QC-driven part (fedqc.fl.protocol's control phase): the gain QC brings is full - {M+sup}+QC.
 VARIANTS = ("M", "{M}+QC", "M+sup", "{M+sup}+QC", "full")
+# The label-free peers (fedqc.adapt), present when the config lists them (adapt.peers).
+PEERS = tuple(PEER_VARIANTS.values())
 BAD_DICE = 0.8
 
 
@@ -84,7 +87,7 @@ def summarise_variants(records: Sequence[CaseRecord]) -> list[dict]:
     rows = []
     keys = sorted({(r.site, r.view) for r in records})
     for site, view in keys:
-        for variant in VARIANTS:
+        for variant in VARIANTS + PEERS:
             sel = [r for r in records if r.site == site and r.view == view and r.variant == variant]
             if not sel:
                 continue

@@ -21,7 +21,7 @@ from fedqc.core.types import NUM_CLASSES
 
 ArrayOrTensor = "np.ndarray | torch.Tensor"
 
-PRESETS: tuple[str, ...] = ("unet", "dynunet", "tiny")
+PRESETS: tuple[str, ...] = ("unet", "unet-bn", "dynunet", "tiny")
 
 # nnU-Net: 32 base channels doubling per stage up to 480 in 2D; pool until the map is 4 pixels wide.
 _NNUNET_BASE_CHANNELS = 32
@@ -69,14 +69,14 @@ def _dynunet_kwargs(in_size_px: int) -> dict[str, Any]:
 
 
 def _unet_kwargs(in_size_px: int, channels: tuple[int, ...], num_res_units: int,
-                 dropout: float) -> dict[str, Any]:
+                 dropout: float, norm: str = "INSTANCE") -> dict[str, Any]:
     factor = 2 ** (len(channels) - 1)
     if in_size_px % factor:
         raise ConfigError("model.in_size_px", f"{in_size_px} px must be divisible by {factor}")
     return dict(
         spatial_dims=2, in_channels=1, out_channels=NUM_CLASSES,
         channels=channels, strides=(2,) * (len(channels) - 1),
-        num_res_units=num_res_units, norm="INSTANCE", dropout=dropout,
+        num_res_units=num_res_units, norm=norm, dropout=dropout,
     )
 
 
@@ -97,6 +97,8 @@ def preset_kwargs(preset: str, in_size_px: int) -> tuple[str, dict[str, Any]]:
         return "DynUNet", _dynunet_kwargs(in_size_px)
     if preset == "unet":
         return "UNet", _unet_kwargs(in_size_px, (16, 32, 64, 128, 256), num_res_units=2, dropout=0.1)
+    if preset == "unet-bn":  # the same UNet with batch norm, for the BN-based peers (fedqc.adapt)
+        return "UNet", _unet_kwargs(in_size_px, (16, 32, 64, 128, 256), num_res_units=2, dropout=0.1, norm="BATCH")
     if preset == "tiny":
         return "UNet", _unet_kwargs(in_size_px, (8, 16, 32), num_res_units=1, dropout=0.0)
     raise ConfigError("model.preset", f"unknown preset '{preset}'; choose one of {list(PRESETS)}")
@@ -107,7 +109,8 @@ def build_segmenter(preset: str = "unet", in_size_px: int = 128, network: str | 
     """Build a 2D segmenter producing 4-class logits.
 
     Args:
-        preset: ``"unet"`` (light MONAI UNet, instance norm, residual units), ``"dynunet"``
+        preset: ``"unet"`` (light MONAI UNet, instance norm, residual units), ``"unet-bn"`` (the
+            same with batch norm, so AdaBN / TENT apply), ``"dynunet"``
             (nnU-Net-style 2D U-Net with deep supervision) or ``"tiny"`` (for tests). Ignored when
             ``network`` is given.
         in_size_px: input height (= width) in pixels; sets the number of stages of ``"dynunet"``.
