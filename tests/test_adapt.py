@@ -176,3 +176,38 @@ def test_peers_report_known_answers(tmp_path):
     assert "| b | TENT | 2.0 | +0.200 |" in report and "| b | full | 12.0 | +0.300 |" in report
     png = peers_png(results, config, tmp_path / "peers.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_federated_report_adds_each_peer_at_the_shifted_site_on_its_own_pool(tiny_data, tmp_path):
+    """Peers on in the config: each shifted site's rows gain the peers, adapted from M on its pool."""
+    import json
+
+    import yaml
+
+    from fedqc.config import load_config
+    from fedqc.evaluation.federated_report import federated_report
+    from fedqc.models.factory import new_autoencoder, new_segmenter
+    from fedqc.qc.thresholds import Thresholds
+    from tests.conftest import tiny_config_dict
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, views=["SA"], model={"preset": "unet-bn"},
+                                                    adapt={"peers": ["adabn", "tent", "post-dae", "dae-tta"],
+                                                           "epochs": 1})))
+    config = load_config(path)
+    torch.manual_seed(0)
+    seg = {f"seg/SA/{k}": v.numpy() for k, v in new_segmenter(config).state_dict().items()}
+    ae = {f"ae/SA/{k}": v.numpy() for k, v in new_autoencoder(config).state_dict().items()}
+    final = {**{f"m0/{k}": v for k, v in seg.items()}, **ae}
+    fences = Thresholds(th_low_pdc=0.5, th_up_phd=50.0, q1_pdc=0.6, q3_pdc=0.9, q1_phd=5.0, q3_phd=20.0,
+                        factor=1.5, n_cases=4, source="consortium")
+    for site in config.sites:
+        (tmp_path / "run" / "sites" / site.name / "thresholds").mkdir(parents=True)
+        fences.to_json(tmp_path / "run" / "sites" / site.name / "thresholds" / "SA.json")
+    federated_report(config, tmp_path / "run", final, [seg], progress=None)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    variants = {(r["site"], r["variant"]) for r in report["summary"]}
+    assert {("centre2", p) for p in ("AdaBN", "TENT", "Post-DAE", "DAE-TTA")} <= variants
+    assert not any(v in {"AdaBN", "TENT", "Post-DAE", "DAE-TTA"} for s, v in variants if s == "centre1")
+    (cost,) = report["adapt"]
+    assert cost["site"] == "centre2" and all(cost[p]["applied"] for p in ("AdaBN", "TENT", "DAE-TTA"))

@@ -40,7 +40,7 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
     from fedqc.qc.thresholds import Thresholds
 
     device = select_device(config.train.device)
-    records, signal = [], []
+    records, signal, adapt_cost = [], [], []
     for view in config.views:
         m = sum(1 for i in range(len(final)) if any(k.startswith(f"{candidate_prefix(i)}seg/{view}/") for k in final))
         refined = segmenters_from_states(config, [_state(final, f"{candidate_prefix(i)}seg/{view}/")
@@ -59,6 +59,13 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
             variants = {"M": (sup[:1], False), "{M}+QC": (sup, True), "full": (refined, True)}
             if control:
                 variants.update({"M+sup": (control[:1], False), "{M+sup}+QC": (control, True)})
+            if config.adapt.peers and split.pool:  # what the site could do alone: peers on its own pool
+                from fedqc.adapt.peers import adapt_peers
+
+                peers = adapt_peers(config, sup[0], ae, split.pool, device, config.train.seed)
+                variants.update({name: ([a.model], False) for name, a in peers.items()})
+                adapt_cost.append({"view": view, "site": site.name, **{
+                    name: {"seconds": a.seconds, "applied": a.applied, "note": a.note} for name, a in peers.items()}})
             site_records = []
             for case in split.test:
                 site_records += score_case_variants(config, site.name, case, variants, ae, th, device)
@@ -69,7 +76,8 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
             if progress:
                 progress(f"  report: scored {len(split.test)} {view} test cases of {site.name}")
     rows = summarise_variants(records)
-    write_json(run_dir / "report.json", {"summary": rows, "qc_signal": signal, "cases": [r.__dict__ for r in records]})
+    write_json(run_dir / "report.json", {"summary": rows, "qc_signal": signal, "cases": [r.__dict__ for r in records],
+                                         **({"adapt": adapt_cost} if adapt_cost else {})})
     table = format_table(["view", "site", "variant", "n", "RV Dice", "RV HD mm", "RV Dice (LCC)", "RV HD mm (LCC)",
                           "flagged"],
                          [[r["view"], r["site"], r["variant"], r["n"], r["rv_dice"], round(r["rv_hd_mm"], 2),
