@@ -3,18 +3,25 @@
 One hospital of N simulated subjects (default 50, the consortium preset at the chosen config's image
 size) trains the shared segmenters for R supervised rounds of E local epochs:
 
-* **deployment**: a real SuperLink and one real SuperNode on 127.0.0.1 (``run_local_federation``),
-  the real site algorithm (``fedqc.site.algorithm:make_site_algo``): a fresh ClientApp process per message,
+* **deployment, per message** (``--modes per-message``; how fedqc ran before issue 13): a real
+  SuperLink and one real SuperNode on 127.0.0.1 (``run_local_federation``), the real site algorithm
+  (``fedqc.site.algorithm:make_site_algo``) inside Flower's fresh ClientApp process of each message,
   which imports torch, rebuilds the site from its disk cache and trains;
+* **deployment, worker** (``--modes worker``; fedqc-client's default): the same, but the SuperNode's
+  long-lived site worker (``fedqc.site.worker``) holds the site and does the work; each message's
+  ClientApp only forwards arrays and config (no torch import);
+* **simulation** (``--modes simulation``, optional): Flower's simulation engine in this process, whose
+  Ray actor runs the site in-process through the same ClientApp code (no worker, no socket);
 * **local**: the same site algorithm in this process, the same tasks with the same configs
   (validation of the received weights first, then training), no Flower: the work itself.
 
-Reported: seconds per round both ways, the overhead ratio ``deployment / local - 1``, Flower's fixed
+Both deployment modes run side by side in one invocation (default), one after the other.
+Reported: seconds per round each way, the overhead ratio ``deployment / local - 1``, Flower's fixed
 cost per exchange (the round's wall time minus the site's own reported work), and bytes sent per
 client per round against the model's size. Rounds after the first are compared (the first also
 builds the site's cache in both modes).
 
-    python benchmarks/bench_federation.py --out runs/bench_federation              # ~50 subjects
+    python benchmarks/bench_federation.py --out runs/bench_federation              # ~50 subjects, both modes
     python benchmarks/bench_federation.py --subjects 4 --rounds 2 --config configs/quickstart.yaml --out /tmp/bf
 """
 
@@ -66,15 +73,28 @@ def local_rounds(settings, node: dict, rounds: int) -> list[dict]:
     return times
 
 
-def deployment_rounds(settings, node: dict, run_dir: Path) -> tuple[list[dict], dict]:
+def deployment_rounds(settings, node: dict, run_dir: Path, worker: bool) -> tuple[list[dict], dict]:
     """The same rounds through a real SuperLink and SuperNode; per-round figures from the run's log."""
     from tests.fl.local import run_local_federation
 
     run = run_local_federation(run_dir, [{"site-id": "bench", **node}], settings, echo=lambda _: None,
-                               max_seconds=3600)
+                               max_seconds=3600, worker=worker)
     if run.status.get("status") != "finished:completed":
         raise SystemExit(f"deployment run did not complete: {run.status}; see {run_dir}/logs")
-    rows = json.loads((run.run_dir / "log.json").read_text())
+    return _rows(run.run_dir), {"wall_s": round(run.seconds, 1), "network": run.status.get("network-traffic")}
+
+
+def simulation_rounds(settings, node: dict, run_dir: Path) -> tuple[list[dict], dict]:
+    """The same rounds on Flower's simulation engine (one virtual site)."""
+    from fedqc.fl.simulation import SimulationConfig, run_simulation
+
+    started = time.monotonic()
+    run_simulation(SimulationConfig(sites=[{"site-id": "bench", **node}], federation=settings), run_dir)
+    return _rows(Path(run_dir)), {"wall_s": round(time.monotonic() - started, 1), "network": None}
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    rows = json.loads((run_dir / "log.json").read_text())
     out = []
     for row in rows:
         site = row["sites"].get("bench", {})
@@ -82,7 +102,7 @@ def deployment_rounds(settings, node: dict, run_dir: Path) -> tuple[list[dict], 
         out.append({"phase": row["phase"], "round": row["round"], "seconds": row["seconds"],
                     "site_work_s": round(work, 3), "sent_bytes": row["sent_bytes_per_site"],
                     "reply_bytes": site.get("reply_bytes", 0), "model_bytes": row["model_bytes"]})
-    return out, {"wall_s": round(run.seconds, 1), "network": run.status.get("network-traffic")}
+    return out
 
 
 def main() -> None:
@@ -93,8 +113,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--modes", default="per-message,worker",
+                        help="modes, comma-separated: per-message (site inside each message's ClientApp), "
+                             "worker (the long-lived site worker), simulation (Flower's simulation engine)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"per-message", "worker", "simulation"}:
+        raise SystemExit(f"--modes: use per-message, worker and/or simulation, not {args.modes!r}")
 
     import torch
 
@@ -109,28 +135,45 @@ def main() -> None:
     node = {**node_config(site, config.views), "work-dir": str(out / "local-site")}
     local = local_rounds(settings, node, args.rounds)
     deploy_node = {k: v for k, v in node.items() if k != "work-dir"}
-    deployed, run = deployment_rounds(settings, deploy_node, out / "deployment")
-
-    sup = [r for r in deployed if r["phase"] == "supervised"]
     steady_local = float(np.mean([r["seconds"] for r in local[2:]] or [local[-1]["seconds"]]))
-    steady_deploy = float(np.mean([r["seconds"] for r in sup[1:]] or [sup[-1]["seconds"]]))
-    fixed = float(np.mean([r["seconds"] - r["site_work_s"] for r in deployed if r["phase"] != "init"]))
-    result = {
-        "config": str(args.config), "subjects": args.subjects, "rounds": args.rounds, "local_epochs": args.local_epochs,
-        "threads": args.threads, "local_rounds": local, "deployment_rounds": deployed, "deployment": run,
-        "round_s_local": round(steady_local, 2), "round_s_deployment": round(steady_deploy, 2),
-        "overhead_ratio": round(steady_deploy / steady_local - 1, 3),
-        "fixed_cost_per_exchange_s": round(fixed, 2),
-        "bytes_sent_per_round_vs_model": round(sup[-1]["sent_bytes"] / sup[-1]["model_bytes"], 4),
-        "bytes_replied_per_round_vs_model": round(sup[-1]["reply_bytes"] / sup[-1]["model_bytes"], 4),
-        "model_mib": round(sup[-1]["model_bytes"] / 2**20, 2),
-    }
-    (out / "bench_federation.json").write_text(json.dumps(result, indent=2))
-    print(f"| subjects | local epochs | round, local (s) | round, deployment (s) | overhead | fixed cost per "
-          f"exchange (s) | sent / model | reply / model |\n|---|---|---|---|---|---|---|---|\n"
-          f"| {args.subjects} | {args.local_epochs} | {steady_local:.1f} | {steady_deploy:.1f} | "
-          f"{100 * result['overhead_ratio']:.0f}% | {fixed:.1f} | {result['bytes_sent_per_round_vs_model']:.3f} | "
-          f"{result['bytes_replied_per_round_vs_model']:.3f} |")
+    result = {"config": str(args.config), "subjects": args.subjects, "rounds": args.rounds,
+              "local_epochs": args.local_epochs, "threads": args.threads, "local_rounds": local,
+              "round_s_local": round(steady_local, 2), "modes": {}}
+    lines = ["| mode | subjects | local epochs | round, local (s) | round, deployment (s) | overhead | fixed cost per "
+             "exchange (s) | INIT exchange (s) | run wall (s) | sent / model | reply / model |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for mode in modes:
+        if mode == "simulation":
+            deployed, run = simulation_rounds(settings, deploy_node, out / "simulation")
+        else:
+            deployed, run = deployment_rounds(settings, deploy_node, out / f"deployment-{mode}", worker=mode == "worker")
+        sup = [r for r in deployed if r["phase"] == "supervised"]
+        steady_deploy = float(np.mean([r["seconds"] for r in sup[1:]] or [sup[-1]["seconds"]]))
+        fixed = float(np.mean([r["seconds"] - r["site_work_s"] for r in deployed if r["phase"] != "init"]))
+        init = next(r["seconds"] for r in deployed if r["phase"] == "init")
+        entry = {
+            "deployment_rounds": deployed, "deployment": run,
+            "round_s_deployment": round(steady_deploy, 2),
+            "overhead_ratio": round(steady_deploy / steady_local - 1, 3),
+            "fixed_cost_per_exchange_s": round(fixed, 2), "init_exchange_s": init,
+            "bytes_sent_per_round_vs_model": round(sup[-1]["sent_bytes"] / sup[-1]["model_bytes"], 4),
+            "bytes_replied_per_round_vs_model": round(sup[-1]["reply_bytes"] / sup[-1]["model_bytes"], 4),
+            "model_mib": round(sup[-1]["model_bytes"] / 2**20, 2),
+        }
+        result["modes"][mode] = entry
+        lines.append(f"| {mode} | {args.subjects} | {args.local_epochs} | {steady_local:.1f} | {steady_deploy:.1f} | "
+                     f"{100 * entry['overhead_ratio']:.0f}% | {fixed:.1f} | {init:.1f} | {run['wall_s']:.0f} | "
+                     f"{entry['bytes_sent_per_round_vs_model']:.3f} | {entry['bytes_replied_per_round_vs_model']:.3f} |")
+    if {"per-message", "worker"} <= set(result["modes"]):
+        before, after = result["modes"]["per-message"], result["modes"]["worker"]
+        result["fixed_cost_worker_vs_per_message"] = round(after["fixed_cost_per_exchange_s"]
+                                                           / before["fixed_cost_per_exchange_s"], 3)
+    from fedqc.core.io import atomic_write
+
+    atomic_write(out / "bench_federation.json", json.dumps(result, indent=2))
+    print("\n".join(lines))
+    if "fixed_cost_worker_vs_per_message" in result:
+        print(f"fixed cost per exchange, worker / per message: {result['fixed_cost_worker_vs_per_message']:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@
 #   3. training loops vs a bare PyTorch loop, fp32 eager, bf16, bf16 + channels_last (bench_training.py)
 #   4. per-site refinement on a simulated site of 100 subjects (bench_refine.py; data simulated in the
 #      background from the start)
-#   5. torch.compile variant (bench_training.py, unet), with whatever time is left
+#   5. deployment: a site worker on the GPU keeps its CUDA context and data across messages
+#      (bench_worker_gpu.py: one worker PID for every message, CUDA initialised, first vs later round trip)
+#   6. torch.compile variant (bench_training.py, unet), with whatever time is left
 # Writes into ${OUT:-benchmarks/results}: qc_metrics.json, scoring.json, training_eager.json, refine.json,
-# training_compile.json, summary.md (all tables), gpu.log (everything printed) and prints the tables.
+# worker_gpu/bench_worker_gpu.json, training_compile.json, summary.md (all tables), gpu.log (everything
+# printed) and prints the tables.
 #
 #   bash benchmarks/gpu.sh                                    # on the GPU machine, from the repo root
 #   GPU_SH_DEVICE=cpu GPU_SH_TINY=1 bash benchmarks/gpu.sh    # a cheap end-to-end dry run on a CPU
@@ -97,8 +100,12 @@ cat "$SIM_LOG" >> "$LOG"
 step "4. Per-site refinement, simulated site of $SUBJECTS subjects" 130 \
     python3 benchmarks/bench_refine.py --device "$DEVICE" --subjects "$SUBJECTS" "${REFINE_ARGS[@]}" \
     --json "$OUT/refine.json"
+WORKER_ARGS=()
+[[ $TINY == 1 ]] && WORKER_ARGS=(--subjects 2 --messages 2)
+step "5. Deployment: a site worker on $DEVICE keeps its CUDA context and data across messages" 70 \
+    python3 benchmarks/bench_worker_gpu.py --device "$DEVICE" "${WORKER_ARGS[@]}" --out "$OUT/worker_gpu"
 if [[ $DEVICE == cuda* ]]; then
-    step "5. Training loop with torch.compile (bf16), ${GPU_SH_COMPILE_PRESETS:-unet}" 120 \
+    step "6. Training loop with torch.compile (bf16), ${GPU_SH_COMPILE_PRESETS:-unet}" 120 \
         python3 benchmarks/bench_training.py --device "$DEVICE" --presets ${GPU_SH_COMPILE_PRESETS:-unet} \
         --steps 30 --repeats 2 --json "$OUT/training_compile.json"
 fi

@@ -2,10 +2,14 @@
 
 The ClientApp (:mod:`fedqc.fl.client_app`) hands every message here. In order:
 
-1. the site's node config (in simulation, looked up by partition id) and its SiteAlgo, built once
-   per process by the factory the site's own node config names (``site-algorithm``; never the
-   coordinator's run config: :func:`fedqc.site.algorithm.site_factory`) and cached (deployment starts a fresh
-   process per message; simulation reuses processes across sites);
+1. the site's node config (in simulation, looked up by partition id) and its SiteAlgo. In
+   deployment (the node config names ``site-worker``, as fedqc-client's SuperNode does) it is the
+   site's long-lived worker (:class:`fedqc.site.worker.RemoteSite`): this process, fresh for every
+   message, then imports neither torch nor MONAI and only forwards arrays and config. Otherwise
+   (simulation, whose Ray actors are long-lived; a SuperNode started without a worker) it is built
+   in this process by the factory the site's own node config names (``site-algorithm``; never the
+   coordinator's run config: :func:`fedqc.site.algorithm.site_factory`) and cached. Either way the
+   steps below are the same code;
 2. the weights: the received global weights, plus the frozen autoencoder (received now, or
    kept in ``context.state`` / the site's work dir), plus, with FedBN, the site's own
    normalisation layers kept in ``context.state``;

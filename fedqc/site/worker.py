@@ -340,7 +340,8 @@ class SiteWorker:
 
         op = header.get("op")
         if op == "ping":
-            return {"pid": os.getpid(), "protocol": PROTOCOL, "run_id": self.run_id, "served": self.served}, None
+            return {"pid": os.getpid(), "protocol": PROTOCOL, "run_id": self.run_id, "served": self.served,
+                    "cuda": _cuda_state()}, None
         if op != "run":
             raise WorkerError(f"unknown op {op!r}")
         config = header.get("config")
@@ -381,6 +382,14 @@ class SiteWorker:
             logger.exception("request failed")
             reply, out = {"error": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__}, None
         send_message(conn, reply, out)
+
+
+def _cuda_state() -> dict:
+    """Whether this process holds a CUDA context, and the memory torch has allocated on it."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {"initialized": False}
+    return {"initialized": True, "allocated_mib": round(torch.cuda.memory_allocated() / 2**20, 1)}
 
 
 def _watch_parent(parent: int) -> None:

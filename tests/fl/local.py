@@ -60,7 +60,7 @@ def one_round_each(**changes: object) -> FederationSettings:
 
 def run_local_federation(run_dir: Path, sites: Sequence[Mapping[str, Scalar]], federation: FederationSettings,
                          tls: bool = False, auth: bool = False, echo: Echo = print,
-                         max_seconds: float = 900) -> LocalRun:
+                         max_seconds: float = 900, worker: bool = True) -> LocalRun:
     """Start a SuperLink and one SuperNode per site on 127.0.0.1, run the protocol, stop everything.
 
     Args:
@@ -71,6 +71,8 @@ def run_local_federation(run_dir: Path, sites: Sequence[Mapping[str, Scalar]], f
         auth: SuperNode authentication with site keys generated here (needs ``tls``).
         echo: where the run's log lines go.
         max_seconds: stop the run after this long.
+        worker: each SuperNode with its long-lived site worker (fedqc-client's default); False: the
+            site runs inside each message's ClientApp process.
     """
     run_dir = run_state.private_dir(Path(run_dir).resolve())
     result = LocalRun(run_dir=run_dir)
@@ -99,7 +101,7 @@ def run_local_federation(run_dir: Path, sites: Sequence[Mapping[str, Scalar]], f
                     node_config={k: v for k, v in site.items() if k != "site-id"},
                     port=processes.free_port(), max_retries=20, max_wait_s=120)
                 result.ports.append(client.port)
-                node = SuperNode(client, insecure=not tls)
+                node = SuperNode(client, insecure=not tls, worker=worker)
                 stack.enter_context(node)
                 nodes.append(node)
                 result.pids.append(node.proc.pid)

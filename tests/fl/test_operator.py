@@ -280,6 +280,8 @@ def test_sigterm_or_sighup_of_a_client_stops_its_supernode(tmp_path):
         for sig, (proc, out) in clients.items():
             tree = _tree(proc.pid)
             assert {"flower-supernode", "flower-superexec"} <= set(_names(tree))
+            workers = [p for p in tree if b"fedqc.site.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            assert len(workers) == 1  # the site worker beside the SuperNode, stopped with it
             proc.send_signal(sig)
             assert proc.wait(timeout=60) == 128 + sig
             _wait(lambda tree=tree: not [p for p in tree if processes.alive(p)], 15, "the SuperNode to stop")
