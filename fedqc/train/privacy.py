@@ -170,8 +170,8 @@ class PrivateTraining:
             if not p.requires_grad:
                 continue
             sample = getattr(p, "grad_sample", None)
-            if sample is None or len(idx) == 0:
-                p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            if sample is None or len(idx) == 0:  # no patient drawn, or a parameter this step did not use
+                p.grad_sample = torch.zeros((rows, *p.shape), device=p.device, dtype=p.dtype)
                 continue
             grouped = torch.zeros((rows, *p.shape), device=p.device, dtype=sample.dtype)
             # Opacus scaled the rows by the batch size (loss_reduction "mean"); summing a patient's
