@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
 from fedqc.cli.main import main
+from fedqc.fl import run_state
+from fedqc.site.contract import candidate_prefix
 from tests.conftest import tiny_config_dict
 from tests.test_federation import parameter_shapes
 from tests.fl.test_privacy import audit_problems
@@ -45,6 +48,15 @@ def test_simulated_federation_with_dp_and_secure_aggregation(tiny_data, tmp_path
     # Under DP (refinement: unlabelled-only) the labelled site sends no refinement update: the control
     # M+sup, made of its supervised share alone, gets no contribution and keeps the supervised candidates.
     assert all(r["secure_aggregation"] == "no contribution" for r in log if r["phase"] == "control")
+    # The candidates the AE phase carried as inputs came back unchanged (only ae/ is in its masked sum),
+    # and refinement moved them by a small step: close to the supervised round they came from.
+    state = run_state.read_json(run / run_state.STATE)
+    final = run_state.load_arrays(run / state["weights"])
+    start = run_state.load_arrays(run_state.supervised_checkpoint(run, state["candidates"][0]))
+    conv = [k for k, v in start.items() if v.ndim == 4]
+    before = np.concatenate([start[k].ravel() for k in conv])
+    after = np.concatenate([final[candidate_prefix(0) + k].ravel() for k in conv])
+    assert np.corrcoef(before, after)[0, 1] > 0.9
     shapes = parameter_shapes(data, m_best=2)
     for audit in sorted((run / "audit").glob("*.jsonl")):
         entries = [json.loads(line) for line in audit.read_text().splitlines()]

@@ -172,6 +172,8 @@ def _secure(out: Weights | None, received: Weights | None, task: str, metrics: M
     if secagg.PEERS not in config:
         return out, ""
     names = _outgoing(received, received, task) or {}
+    if task == Task.QC_AUTOENCODER:  # the candidates come along as inputs (segmenter examples), not to aggregate
+        names = {n: v for n, v in names.items() if n.startswith("ae/")}
     if pattern:
         names = {n: v for n, v in names.items() if n not in local_names(names, pattern)}
     n = float(metrics.get("num-examples", 0)) if out else 0.0
