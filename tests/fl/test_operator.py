@@ -95,6 +95,18 @@ def _names(pids: list[int]) -> list[str]:
     return names
 
 
+def _workers(pids: list[int]) -> list[int]:
+    """The site workers (``python -m fedqc.site.worker``) among ``pids`` (gone ones skipped)."""
+    found = []
+    for pid in pids:
+        try:
+            if b"fedqc.site.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 def _init_only(**changes) -> FederationSettings:
     """The cheapest whole protocol: every site introduces itself (INIT), no training round."""
     base = {"supervised_rounds": 0, "ae_rounds": 0, "refine_rounds": 0, "predict": False, "m_best": 1,
@@ -280,8 +292,7 @@ def test_sigterm_or_sighup_of_a_client_stops_its_supernode(tmp_path):
         for sig, (proc, out) in clients.items():
             tree = _tree(proc.pid)
             assert {"flower-supernode", "flower-superexec"} <= set(_names(tree))
-            workers = [p for p in tree if b"fedqc.site.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
-            assert len(workers) == 1  # the site worker beside the SuperNode, stopped with it
+            assert len(_workers(tree)) == 1  # the site worker beside the SuperNode, stopped with it
             proc.send_signal(sig)
             assert proc.wait(timeout=60) == 128 + sig
             _wait(lambda tree=tree: not [p for p in tree if processes.alive(p)], 15, "the SuperNode to stop")
