@@ -10,7 +10,7 @@ and the messages after the first cost no CUDA start-up: ``first / later`` round 
 per-message process (a new CUDA context and data upload per message) would lose.
 
     python benchmarks/bench_worker_gpu.py --device cuda --out /tmp/bwg        # on a GPU machine
-    python benchmarks/bench_worker_gpu.py --device cpu --subjects 2 --out /tmp/bwg   # a CPU dry run
+    python benchmarks/bench_worker_gpu.py --device cpu --subjects 4 --messages 2 --out /tmp/bwg   # a CPU dry run
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    from benchmarks.bench_federation import _site
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_federation import _site
     from fedqc.core.io import atomic_write
     from fedqc.fl.appdir import run_config, site_run_config
     from fedqc.fl.from_config import federation_settings, node_config

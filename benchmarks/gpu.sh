@@ -101,7 +101,7 @@ step "4. Per-site refinement, simulated site of $SUBJECTS subjects" 130 \
     python3 benchmarks/bench_refine.py --device "$DEVICE" --subjects "$SUBJECTS" "${REFINE_ARGS[@]}" \
     --json "$OUT/refine.json"
 WORKER_ARGS=()
-[[ $TINY == 1 ]] && WORKER_ARGS=(--subjects 2 --messages 2)
+[[ $TINY == 1 ]] && WORKER_ARGS=(--subjects 4 --messages 2)
 step "5. Deployment: a site worker on $DEVICE keeps its CUDA context and data across messages" 70 \
     python3 benchmarks/bench_worker_gpu.py --device "$DEVICE" "${WORKER_ARGS[@]}" --out "$OUT/worker_gpu"
 if [[ $DEVICE == cuda* ]]; then
