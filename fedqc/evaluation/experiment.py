@@ -89,6 +89,7 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
             entry["adapt"] = {"full_refine_seconds": t_refine, "sites": {
                 site: {name: {"seconds": a.seconds, "applied": a.applied, "note": a.note} for name, a in by.items()}
                 for site, by in peers.items()}}
+        write_json(out / f"seed{seed}_{view}.json", entry)  # kept if the references below are interrupted
         if transductive:
             tests = {s.site: s.test for s in splits if not config.site(s.site).labelled and s.test}
             tchosen = {site: choose_fences(config.qc.threshold_source, labelled_val=lambda: th_val,
