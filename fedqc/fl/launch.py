@@ -294,6 +294,9 @@ class SuperLink(_Daemon):
 
 
 
+QUICK_DEATH_S, QUICK_DEATHS = 20.0, 3  # a site worker that dies this fast this often is not restarted again
+
+
 class SiteWorkerProcess:
     """The site worker (:mod:`fedqc.site.worker`) beside a SuperNode: started, supervised, stopped by PID.
 
@@ -313,6 +316,8 @@ class SiteWorkerProcess:
         self.log_path = self.work_dir / "logs" / "worker.log"
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self.started_at = 0.0
+        self.quick_deaths = 0  # deaths in a row within QUICK_DEATH_S of a start
 
     def _leftover(self) -> int | None:
         """The PID of a live site worker on this work dir that we did not start."""
@@ -353,6 +358,7 @@ class SiteWorkerProcess:
         run_state.atomic_write(self.folder / worker.NODE_CONFIG, json.dumps(self.node_config).encode())
         cmd = [sys.executable, "-m", "fedqc.site.worker", "--dir", str(self.folder)]
         self.proc = processes.spawn(cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}, self.log_path, cwd=self.folder)
+        self.started_at = time.monotonic()
         return self if ready_timeout_s is None else self.wait_ready(ready_timeout_s)
 
     def wait_ready(self, ready_timeout_s: float = 180.0) -> Self:
@@ -380,7 +386,18 @@ class SiteWorkerProcess:
         return None if self.proc is None else self.proc.poll()
 
     def restart(self) -> Self:
-        """Start it again with the same secret (the SuperNode's ClientApps keep finding it)."""
+        """Start it again with the same secret (the SuperNode's ClientApps keep finding it).
+
+        Raises:
+            FedqcError: it died within :data:`QUICK_DEATH_S` of each of its last :data:`QUICK_DEATHS`
+                starts (it cannot start: its log's end is quoted), instead of restarting forever.
+        """
+        quick = time.monotonic() - self.started_at < QUICK_DEATH_S
+        self.quick_deaths = self.quick_deaths + 1 if quick else 0
+        if self.quick_deaths >= QUICK_DEATHS:
+            self.stop()
+            raise FedqcError(f"the site worker exited within {QUICK_DEATH_S:.0f} s of each of its last {QUICK_DEATHS} "
+                             f"starts; its log ({self.log_path}) ends:\n{processes.log_tail(self.log_path, 8)}")
         self.stop()
         self.restarts += 1
         return self.start(ready_timeout_s=None, new_secret=False)

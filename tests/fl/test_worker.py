@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedqc.core.errors import FedqcError
 from fedqc.fl import processes
 from fedqc.fl.launch import SiteWorkerProcess, SuperNode
 from fedqc.fl.settings import ClientSettings
@@ -179,6 +180,20 @@ def test_a_dead_worker_fails_its_task_clearly_and_is_restarted(tmp_path):
         assert proc.proc.pid != old and reply.metrics["num-examples"] > 0
     finally:
         proc.stop()
+
+
+def test_a_worker_that_cannot_start_is_not_restarted_forever(tmp_path):
+    work = tmp_path / "site0"
+    proc = SiteWorkerProcess(work, _node_config(work, **{"site-algorithm": "no_such_module:make"}))
+    with pytest.raises(processes.ProcessError, match="exited with code 1 while starting"):
+        proc.start()
+    proc.restart()
+    _wait(lambda: proc.died() is not None, 120, "the restarted worker to fail too")
+    proc.restart()
+    _wait(lambda: proc.died() is not None, 120, "the restarted worker to fail too")
+    with pytest.raises(FedqcError, match="exited within 20 s of each of its last 3 starts") as refused:
+        proc.restart()
+    assert "No module named 'no_such_module'" in str(refused.value)
 
 
 # -- with Flower -----------------------------------------------------------------------------------
