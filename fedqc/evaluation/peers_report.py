@@ -180,5 +180,5 @@ def peers_png(results: Sequence[dict], config: Config, path: Path) -> Path:
         ax.set_ylabel("RV Dice")
         ax.set_ylim(0, 1)
         ax.set_title(f"{view}: RV Dice per method and site (whiskers: seeds' min-max)")
-    axes[0, 0].legend(fontsize=7, ncol=4, loc="lower left")
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     return save_png(fig, path)
