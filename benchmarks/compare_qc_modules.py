@@ -36,7 +36,8 @@ from fedqc.core.io import atomic_write, write_json
 from fedqc.data.site import ensure_data, load_site_split, stack_slices
 from fedqc.evaluation.variants import BAD_DICE, auroc, score_case_variants
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
-from fedqc.qc.fences import fit_fences
+from fedqc.qc.scoring import score_cases
+from fedqc.qc.thresholds import fences_from_scores
 from fedqc.train.stages import consortium_passes, train_autoencoder, train_supervised
 
 MODULES = {"plain": ("plain", False), "corrective": ("corrective", False), "corrective+seg": ("corrective", True)}
@@ -66,7 +67,8 @@ def run_seed(config, seed: int, views, modules, device) -> dict:
                                       passes=passes[view])
             ae = frozen_autoencoder(cfg, stage.state, device)
             ae_s = time.perf_counter() - t1
-            th = fit_fences(cfg, models, ae, val, "consortium", device)
+            val_scores = score_cases(models, ae, val, cfg.qc, device)
+            th = fences_from_scores(val_scores, cfg.qc.tukey_factor, "consortium")
             records = []
             for split in splits:
                 if config.site(split.site).labelled:
@@ -104,7 +106,11 @@ def run_seed(config, seed: int, views, modules, device) -> dict:
                 "flagged_recon_dice": _mean([r.recon_rv_dice_grid for r in records if r.ood]),
                 "bad_pred_dice": _mean([r.pred_rv_dice_grid for r, b in zip(records, bad) if b]),
                 "bad_recon_dice": _mean([r.recon_rv_dice_grid for r, b in zip(records, bad) if b]),
-                "sites": per_site}
+                "sites": per_site,
+                # per case, to re-fence offline (Tukey factor sweep): pDC / pHD / true RV Dice under M
+                "cases": [{"site": r.site, "case": r.case_id, "pdc": r.pdc, "phd": r.phd, "dice": r.rv_dice,
+                           "pred_grid": r.pred_rv_dice_grid, "recon_grid": r.recon_rv_dice_grid} for r in records],
+                "val_scores": {"pdc": val_scores.pdc.max(1).tolist(), "phd": val_scores.phd.min(1).tolist()}}
             print(f"seed {seed} {view} {name}: " + json.dumps(
                 {k: (round(v, 3) if isinstance(v, float) else v) for k, v in entry["modules"][name].items()
                  if k != "sites"}), flush=True)
@@ -113,7 +119,7 @@ def run_seed(config, seed: int, views, modules, device) -> dict:
 
 
 def _mean(values) -> float | None:
-    values = [v for v in values if v == v]
+    values = [v for v in values if not np.isnan(v)]
     return float(np.mean(values)) if values else None
 
 
@@ -124,8 +130,8 @@ def table(results: list[dict]) -> str:
             return "-"
         return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values):.{digits}f}" if len(values) > 1 else "")
 
-    lines = ["| view | QC module | Spearman pDC-Dice | AUROC (Dice<0.8) | flag precision | flag recall | "
-             "flagged: prediction RV Dice | flagged: R output RV Dice | bad: prediction | bad: R output | R s |",
+    lines = [("| view | QC module | Spearman pDC-Dice | AUROC (Dice<0.8) | flag precision | flag recall | "
+              "flagged: prediction RV Dice | flagged: R output RV Dice | bad: prediction | bad: R output | R s |"),
              "|" + "---|" * 11]
     views = sorted({v for r in results for v in r["views"]}, reverse=True)
     for view in views:
