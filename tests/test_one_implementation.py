@@ -23,7 +23,8 @@ def _config(tiny_data) -> dict:
     # best-validation epoch, the federation its last), fences at the quartiles so that refinement has work.
     data = tiny_config_dict(tiny_data, views=["SA"],
                             train={"epochs": 1, "m_best": 1, "val_fraction": 0.4, "seed": 3},
-                            qc={"ae_epochs": 1, "threshold_source": "labelled-val", "tukey_factor": 0.0},
+                            qc={"ae_epochs": 1, "threshold_source": "labelled-val", "tukey_factor": 0.0,
+                                "autoencoder": "corrective", "segmenter_examples": True},
                             refine={"k_semi": 1},
                             federation={"supervised_rounds": 1, "ae_rounds": 1, "local_epochs": 1, "min_sites": 1,
                                         "timeout_s": 300})

@@ -124,3 +124,25 @@ def test_autoencoder_epoch_trains_on_the_examples_as_given():
     b = autoencoder_one_epoch(ae, masks, opt, batch_size=8, generator=make_generator(0, "cpu"), examples=full)
     assert a.num_examples == b.num_examples == 8
     assert b.loss > a.loss
+
+
+def test_segmenter_examples_only_for_a_corrective_module_that_asks_for_them():
+    import numpy as np
+
+    from pathlib import Path
+
+    from fedqc.config import Config, QCConfig, SiteConfig
+    from fedqc.train.stages import examples_of
+
+    images, labels = np.zeros((3, 8, 8), np.float32), np.zeros((3, 8, 8), np.uint8)
+    models = [_Constant(3)]
+
+    def config(**qc) -> Config:
+        return Config(sites=(SiteConfig(name="a", root=Path("."), labelled=True),), qc=QCConfig(**qc))
+
+    assert examples_of(config(), models, images, labels) is None  # default: off
+    assert examples_of(config(autoencoder="plain", segmenter_examples=True), models, images, labels) is None
+    assert examples_of(config(autoencoder="corrective", segmenter_examples=True), None, images, labels) is None
+    made = examples_of(config(autoencoder="corrective", segmenter_examples=True), models, images, labels)
+    inputs, targets = made(0)
+    assert (inputs == 3).all() and inputs.shape == targets.shape == (3, 8, 8)

@@ -117,8 +117,9 @@ class QCConfig:
     # corrupted ones (fedqc.train.corrupt), a better pseudo-label on bad predictions (docs/QC.md).
     autoencoder: Literal["plain", "corrective"] = "corrective"
     # With a corrective R, also train it on the candidate segmenters' own predictions of labelled
-    # training slices under an appearance shift (fedqc.train.autoencoder.segmenter_examples).
-    segmenter_examples: bool = True
+    # training slices under an appearance shift (fedqc.train.autoencoder.segmenter_examples). Off:
+    # measured worse for the full method on README's main command (docs/RESULTS.md).
+    segmenter_examples: bool = False
     # QC-based selection: the paper's, or guarded (M kept while it passes the fences unless another
     # candidate's pDC is better by more than selection_margin; fedqc.qc.selection).
     selection: Literal["paper", "guarded"] = "guarded"
