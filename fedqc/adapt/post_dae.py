@@ -9,11 +9,11 @@ original geometry treat it as M): its softmax is R's reconstruction of M's one-h
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedqc.core.types import NUM_CLASSES
 from fedqc.models.segmenter import main_output
+from fedqc.train.losses import one_hot
 
 
 class PostDAE(nn.Module):
@@ -26,6 +26,5 @@ class PostDAE(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         labels = main_output(self.segmenter(images)).argmax(1)
-        onehot = F.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
-        reconstruction = self.autoencoder(onehot).float()  # softmax over classes
+        reconstruction = self.autoencoder(one_hot(labels, NUM_CLASSES)).float()  # softmax over classes
         return torch.log(reconstruction.clamp_min(1e-12))

@@ -20,7 +20,7 @@ import pytest
 from fedqc.fl import processes
 from fedqc.fl.launch import SuperNode
 from fedqc.fl.settings import ClientSettings
-from tests.fl.local import one_round_each, toy_sites
+from tests.fl.local import one_round_each, toy_sites, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -64,13 +64,6 @@ def _log(run_dir: Path) -> list[dict]:
     except (OSError, ValueError):
         return []
 
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def _crash(pid: int) -> list[int]:
@@ -143,7 +136,7 @@ def test_coordinator_killed_mid_run_resumes_from_the_last_completed_round(tmp_pa
     servers: list[subprocess.Popen] = []
     try:
         servers.append(_server(tmp_path, run_dir, port, resume=False))
-        _wait(lambda: _state(run_dir).get("phase") == "supervised" and _state(run_dir)["phase_round"] == 2, 300,
+        wait_until(lambda: _state(run_dir).get("phase") == "supervised" and _state(run_dir)["phase_round"] == 2, 300,
               "two completed supervised rounds")
         state_before, log_before = _state(run_dir), _log(run_dir)
         pids += _crash(servers[0].pid)
@@ -185,10 +178,10 @@ def test_a_site_killed_mid_round_is_named_the_round_finishes_and_the_site_rejoin
     servers: list[subprocess.Popen] = []
     try:
         servers.append(_server(tmp_path, run_dir, port, resume=False))
-        _wait(lambda: (victim / "busy").is_file(), 300, "site1 to start its supervised work")
+        wait_until(lambda: (victim / "busy").is_file(), 300, "site1 to start its supervised work")
         pids += _crash(nodes[1].proc.pid)
         (victim / "delayed").write_text("killed")  # the restarted site works at normal speed
-        _wait(lambda: any(r["phase"] == "supervised" for r in _log(run_dir)), 300, "the round to finish")
+        wait_until(lambda: any(r["phase"] == "supervised" for r in _log(run_dir)), 300, "the round to finish")
         nodes.append(_node(tmp_path, sites[1], port))  # site1 rejoins
         code = servers[0].wait(timeout=600)
         assert code == 0, (tmp_path / "server-first.log").read_text()[-3000:]

@@ -24,6 +24,7 @@ import yaml
 from fedqc.fl import certs, processes
 from fedqc.fl.launch import SuperLink, SuperNode, run_server
 from fedqc.fl.settings import ClientSettings, FederationSettings, ServerSettings
+from tests.fl.local import wait_until
 from tests.fl.toy import ALGORITHM
 
 pytestmark = pytest.mark.slow
@@ -53,13 +54,6 @@ def _started_here(folder: Path) -> list[int]:
             found.append(int(entry.name))
     return found
 
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
 
 
 def _command(tmp_path: Path, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
@@ -229,7 +223,7 @@ def test_a_client_whose_coordinator_restarts_with_a_new_run_exits_non_zero_and_s
                         private_key=str(key))
     with SuperLink(tmp_path / "run-a", settings, insecure=False):
         client, out = _command(tmp_path, "client", ["fedqc-client", "--config", str(config)])
-        _wait(lambda: "connected to the coordinator" in out.read_text(), 60, "the client to connect")
+        wait_until(lambda: "connected to the coordinator" in out.read_text(), 60, "the client to connect")
     # The coordinator comes back with a fresh run folder (a new SuperLink database), not a resume.
     with SuperLink(tmp_path / "run-b", settings, insecure=False):
         code = client.wait(timeout=120)
@@ -251,7 +245,7 @@ def test_a_second_server_on_a_live_run_folder_is_refused_and_sigterm_stops_every
     server_yaml.write_text(yaml.safe_dump({"method": str(method), "run_dir": str(run_dir), "host": "127.0.0.1",
                                            "port": processes.free_port()}))
     first, out = _command(tmp_path, "first", ["fedqc-server", "--config", str(server_yaml), "--insecure"])
-    _wait(lambda: "flwr-serverapp" in _names(_tree(first.pid)), 90, "the ServerApp to run")
+    wait_until(lambda: "flwr-serverapp" in _names(_tree(first.pid)), 90, "the ServerApp to run")
     kept = {p: p.read_bytes() for p in [run_dir / "federation.json", run_dir / "server.yaml",
                                         run_dir / "app" / "pyproject.toml", run_dir / ".flwr" / "config.toml"]}
 
@@ -272,7 +266,7 @@ def test_a_second_server_on_a_live_run_folder_is_refused_and_sigterm_stops_every
     assert {"flower-superlink", "flower-superexec", "flwr-serverapp", "flwr"} <= set(_names(tree))
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 128 + signal.SIGTERM
-    _wait(lambda: not [p for p in tree if processes.alive(p)], 15, "every process of the coordinator to stop")
+    wait_until(lambda: not [p for p in tree if processes.alive(p)], 15, "every process of the coordinator to stop")
     text = out.read_text()
     assert "stopped by SIGTERM" in text and f"--run-dir {run_dir.resolve()} (no round was saved" in text
     assert "Traceback" not in text
@@ -288,14 +282,14 @@ def test_sigterm_or_sighup_of_a_client_stops_its_supernode(tmp_path):
             config = _site_yaml(tmp_path, sig.name.lower(), superlink=f"127.0.0.1:{settings.port}")
             clients[sig] = _command(tmp_path, sig.name, ["fedqc-client", "--config", str(config), "--insecure"])
         for _, out in clients.values():
-            _wait(lambda out=out: "connected to the coordinator" in out.read_text(), 60, "the clients to connect")
+            wait_until(lambda out=out: "connected to the coordinator" in out.read_text(), 60, "the clients to connect")
         for sig, (proc, out) in clients.items():
             tree = _tree(proc.pid)
             assert {"flower-supernode", "flower-superexec"} <= set(_names(tree))
             assert len(_workers(tree)) == 1  # the site worker beside the SuperNode, stopped with it
             proc.send_signal(sig)
             assert proc.wait(timeout=60) == 128 + sig
-            _wait(lambda tree=tree: not [p for p in tree if processes.alive(p)], 15, "the SuperNode to stop")
+            wait_until(lambda tree=tree: not [p for p in tree if processes.alive(p)], 15, "the SuperNode to stop")
             assert f"stopped by {sig.name}" in out.read_text()
 
 

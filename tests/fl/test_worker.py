@@ -29,7 +29,7 @@ from fedqc.fl import processes
 from fedqc.fl.launch import SiteWorkerProcess, SuperNode
 from fedqc.fl.settings import ClientSettings
 from fedqc.site import worker
-from tests.fl.local import one_round_each, toy_sites
+from tests.fl.local import one_round_each, toy_sites, wait_until
 from tests.fl.toy import ALGORITHM, make_toy_site
 
 pytestmark = pytest.mark.slow
@@ -38,13 +38,6 @@ pytestmark = pytest.mark.slow
 def _node_config(work_dir: Path, **extra) -> dict:
     return {"site-algorithm": ALGORITHM, "site-id": "site0", "seed": 1, "work-dir": str(work_dir), **extra}
 
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _impostor(tmp_path: Path, real: Path, secret: bytes) -> Path:
@@ -146,7 +139,7 @@ def test_a_worker_whose_parent_dies_stops(tmp_path):
          f"w = SiteWorkerProcess(Path({str(work)!r}), {_node_config(work)!r}).start(); print(w.proc.pid)"],
         capture_output=True, text=True, timeout=300, check=True)  # exits without stopping its worker
     pid = int(parent.stdout.split()[-1])
-    _wait(lambda: not processes.alive(pid), 15, "the orphaned worker to stop")
+    wait_until(lambda: not processes.alive(pid), 15, "the orphaned worker to stop")
 
 
 def test_a_dead_worker_fails_its_task_clearly_and_is_restarted(tmp_path):
@@ -166,14 +159,14 @@ def test_a_dead_worker_fails_its_task_clearly_and_is_restarted(tmp_path):
 
         thread = threading.Thread(target=task)
         thread.start()
-        _wait(lambda: (work / "busy").is_file(), 60, "the worker to start its task")
+        wait_until(lambda: (work / "busy").is_file(), 60, "the worker to start its task")
         old = proc.proc.pid
         os.kill(old, signal.SIGKILL)
         thread.join(timeout=30)
         assert not thread.is_alive()  # it failed at once, it did not hang
         assert len(failure) == 1 and isinstance(failure[0], worker.WorkerLost)
         assert "went away during the request" in str(failure[0])
-        _wait(lambda: proc.died() is not None, 10, "the worker to be reaped")
+        wait_until(lambda: proc.died() is not None, 10, "the worker to be reaped")
         (work / "delayed").write_text("killed")
         proc.restart()
         reply = remote.run("supervised", init.weights, config)  # the ClientApp's next message finds the new one
@@ -188,9 +181,9 @@ def test_a_worker_that_cannot_start_is_not_restarted_forever(tmp_path):
     with pytest.raises(processes.ProcessError, match="exited with code 1 while starting"):
         proc.start()
     proc.restart()
-    _wait(lambda: proc.died() is not None, 120, "the restarted worker to fail too")
+    wait_until(lambda: proc.died() is not None, 120, "the restarted worker to fail too")
     proc.restart()
-    _wait(lambda: proc.died() is not None, 120, "the restarted worker to fail too")
+    wait_until(lambda: proc.died() is not None, 120, "the restarted worker to fail too")
     with pytest.raises(FedqcError, match="exited within 20 s of each of its last 3 starts") as refused:
         proc.restart()
     assert "No module named 'no_such_module'" in str(refused.value)
@@ -235,11 +228,11 @@ def test_deployment_through_thin_clientapps_and_a_worker_killed_mid_round(tmp_pa
     servers, restarted = [], []
     try:
         servers.append(_server(tmp_path, run_dir, port, resume=False))
-        _wait(lambda: (victim / "busy").is_file(), 300, "site1 to start its supervised work")
+        wait_until(lambda: (victim / "busy").is_file(), 300, "site1 to start its supervised work")
         (victim / "delayed").write_text("killed")  # the restarted worker works at normal speed
         killed_at = time.monotonic()
         os.kill(nodes[1].worker.proc.pid, signal.SIGKILL)
-        _wait(lambda: nodes[1].worker.died() is not None, 10, "the worker to be reaped")
+        wait_until(lambda: nodes[1].worker.died() is not None, 10, "the worker to be reaped")
         restarted.append(nodes[1].supervise_worker())  # what fedqc-client's loop does
         assert servers[0][0].wait(timeout=300) == 1  # min_sites 2: the round cannot be aggregated
         failed_after_s = time.monotonic() - killed_at
