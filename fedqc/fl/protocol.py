@@ -110,6 +110,7 @@ class Protocol:
             self.fences: dict[str, dict] = {}
             self.secagg_keys: dict[int, str] = {}
         self._secagg_nodes: list[int] = []
+        self._asked_to_introduce: set[int] = set()
 
     def run(self) -> dict[str, Any]:
         """Run every remaining phase; returns the summary also written to ``RUN/summary.json``."""
@@ -289,6 +290,8 @@ class Protocol:
     def _exchange(self, task: str, config: Mapping[str, Scalar], weights: Mapping[str, np.ndarray] | None,
                   ae: Mapping[str, np.ndarray] | None = None,
                   per_node: Mapping[int, Mapping[str, Scalar]] | None = None) -> Outcome:
+        if task != INIT:
+            self._introduce_newcomers()
         self.server_round += 1
         log(INFO, "[%s] round %s: sending to the sites", task, config.get(ConfigKey.PHASE_ROUND.value, 0))
         nodes = None
@@ -299,6 +302,19 @@ class Protocol:
             config = {**config, **secagg.peers_config({n: self.secagg_keys[n] for n in nodes}, tag)}
             self._secagg_nodes = nodes
         return self.sites.run(task, config, weights, ae=ae, per_node=per_node, nodes=nodes)
+
+    def _introduce_newcomers(self) -> None:
+        """Sites that connected after ``init`` (late, or restarted under a new node id) introduce
+        themselves first, so that a failure in their first round is reported under the site's name."""
+        newcomers = [n for n in self.sites.wait_for_sites()
+                     if n not in self.sites.site_names and n not in self._asked_to_introduce]
+        if not newcomers:
+            return
+        self._asked_to_introduce.update(newcomers)  # once per node: a silent one is not asked again
+        log(INFO, "%d site(s) connected after init: asking them to introduce themselves", len(newcomers))
+        init = {ConfigKey.LOCAL_EPOCHS.value: 0, ConfigKey.SEED.value: self.settings.seed}
+        outcome = self.sites.run(INIT, init, None, nodes=newcomers, min_answers=0)
+        log(INFO, "introduced: %s", ", ".join(a.site for a in outcome.answers) or "none")
 
     def _aggregate(self, outcome: Outcome, required: bool = True, combine=weighted_average) -> dict[str, Any]:
         for a in outcome.answers:
