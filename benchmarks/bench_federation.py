@@ -93,6 +93,37 @@ def simulation_rounds(settings, node: dict, run_dir: Path) -> tuple[list[dict], 
     return _rows(Path(run_dir)), {"wall_s": round(time.monotonic() - started, 1), "network": None}
 
 
+def trace_breakdown(path: Path) -> dict[str, float]:
+    """Median seconds of each leg of a message's path, from a ``FEDQC_TRACE`` file (:mod:`fedqc.fl.trace`).
+
+    Legs, per message: ``to_process`` (the coordinator's push to the start of the message's
+    ``flwr-clientapp`` process: SuperLink, the SuperNode's poll, SuperExec's poll, the spawn),
+    ``imports`` (that process's start to fedqc's ClientApp module imported: Python, flwr, fedqc),
+    ``to_handler`` (imported to the handler called: Flower pulls the message and builds the Context),
+    ``handler`` (fedqc's handler: unpack, the worker's round trip with the site's work, pack),
+    ``back`` (the handler's return to the coordinator's pull of the reply: Flower pushes the reply
+    from the process to the SuperNode, on to the SuperLink, and the coordinator's next pull).
+    """
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    pushes = {mid: e for e in events if e["event"] == "push" for mid in e["nodes"]}
+    apps = {e["reply_to"]: e for e in events if e["event"] == "clientapp"}
+    replies = {e["reply_to"]: e for e in events if e["event"] == "reply"}
+    legs: dict[str, list[float]] = {k: [] for k in ("to_process", "imports", "to_handler", "handler", "back", "total")}
+    for mid, push in pushes.items():
+        app, reply = apps.get(mid), replies.get(mid)
+        if app is None or reply is None or not app["proc_start"]:
+            continue
+        legs["to_process"].append(app["proc_start"] - push["start"])
+        legs["imports"].append(app["imported"] - app["proc_start"])
+        legs["to_handler"].append(app["entry"] - app["imported"])
+        legs["handler"].append(app["exit"] - app["entry"])
+        legs["back"].append(reply["t"] - app["exit"])
+        legs["total"].append(reply["t"] - push["start"])
+    out = {k: round(float(np.median(v)), 3) for k, v in legs.items() if v}
+    out["messages"] = len(legs["total"])
+    return out
+
+
 def _rows(run_dir: Path) -> list[dict]:
     rows = json.loads((run_dir / "log.json").read_text())
     out = []
@@ -117,6 +148,8 @@ def main() -> None:
                         help="modes, comma-separated: per-message (site inside each message's ClientApp), "
                              "worker (the long-lived site worker), simulation (Flower's simulation engine)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--trace", action="store_true",
+                        help="also time each leg of every message's path (FEDQC_TRACE, fedqc.fl.trace)")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - {"per-message", "worker", "simulation"}:
@@ -146,7 +179,12 @@ def main() -> None:
         if mode == "simulation":
             deployed, run = simulation_rounds(settings, deploy_node, out / "simulation")
         else:
+            trace_file = out / f"trace-{mode}.jsonl"
+            if args.trace:
+                trace_file.unlink(missing_ok=True)
+                os.environ["FEDQC_TRACE"] = str(trace_file)
             deployed, run = deployment_rounds(settings, deploy_node, out / f"deployment-{mode}", worker=mode == "worker")
+            os.environ.pop("FEDQC_TRACE", None)
         sup = [r for r in deployed if r["phase"] == "supervised"]
         steady_deploy = float(np.mean([r["seconds"] for r in sup[1:]] or [sup[-1]["seconds"]]))
         fixed = float(np.mean([r["seconds"] - r["site_work_s"] for r in deployed if r["phase"] != "init"]))
@@ -160,6 +198,9 @@ def main() -> None:
             "bytes_replied_per_round_vs_model": round(sup[-1]["reply_bytes"] / sup[-1]["model_bytes"], 4),
             "model_mib": round(sup[-1]["model_bytes"] / 2**20, 2),
         }
+        if args.trace and mode != "simulation":
+            entry["legs_median_s"] = trace_breakdown(out / f"trace-{mode}.jsonl")
+            print(f"{mode}: median seconds per leg of a message's path: {entry['legs_median_s']}")
         result["modes"][mode] = entry
         lines.append(f"| {mode} | {args.subjects} | {args.local_epochs} | {steady_local:.1f} | {steady_deploy:.1f} | "
                      f"{100 * entry['overhead_ratio']:.0f}% | {fixed:.1f} | {init:.1f} | {run['wall_s']:.0f} | "

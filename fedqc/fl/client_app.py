@@ -6,13 +6,28 @@ The audit mod records each reply when the run asks for it (see :mod:`fedqc.fl.au
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedqc.fl import trace
 from fedqc.fl.audit import audit_mod
-from fedqc.fl.site_runner import handle
+from fedqc.fl.site_runner import handle as _handle
 
+_IMPORTED = time.time()
 app = ClientApp(mods=[audit_mod])
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """:func:`fedqc.fl.site_runner.handle`, timed when ``FEDQC_TRACE`` is set (:mod:`fedqc.fl.trace`)."""
+    if not trace.enabled():
+        return _handle(msg, context)
+    entry = time.time()
+    reply = _handle(msg, context)
+    trace.event("clientapp", node=int(context.node_id), reply_to=str(msg.metadata.message_id),
+                proc_start=trace.process_start(), imported=_IMPORTED, entry=entry, exit=time.time())
+    return reply
 
 
 @app.train()

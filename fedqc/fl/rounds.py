@@ -25,7 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedqc.core.errors import FedqcError
-from fedqc.fl import records
+from fedqc.fl import records, trace
 from fedqc.fl.settings import FederationSettings
 from fedqc.site.contract import ConfigKey, MetricKey, Scalar, Task, Weights
 
@@ -236,11 +236,16 @@ def send_and_receive(grid: Grid, messages: list[Message], deadline: float) -> li
     exchange wait 1.5 s on average (3 s at worst) after the last reply had arrived. A pull is one
     small request to the SuperLink (in simulation, a look-up in memory).
     """
+    pushed_at = time.time()
     pending = set(grid.push_messages(messages))
+    trace.event("push", start=pushed_at, type=messages[0].metadata.message_type if messages else "",
+                nodes={str(m.metadata.message_id): int(m.metadata.dst_node_id) for m in messages})
     replies: list[Message] = []
     while pending:
         pulled = list(grid.pull_messages(pending))
         replies.extend(pulled)
+        for reply in pulled:
+            trace.event("reply", reply_to=str(reply.metadata.reply_to_message_id))
         pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
         if not pending or time.monotonic() >= deadline:
             break
