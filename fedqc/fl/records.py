@@ -1,10 +1,16 @@
 """Flat name -> array weights, metrics and config <-> Flower records, and the message layout.
 
-Weights travel as one :class:`~flwr.app.ArrayRecord` per message, float32 by default. With
-``float16`` the floating arrays are cast on the wire; ``bfloat16`` (which numpy lacks) travels
-as the upper 16 bits of each float32, rounded to nearest even, in an Array whose ``dtype`` field
-reads ``bfloat16``. Either halves the bytes; receivers always get float32 back. Integer arrays
-(e.g. BatchNorm's ``num_batches_tracked``) travel unchanged.
+Weights travel as one :class:`~flwr.app.ArrayRecord` per message holding **one packed Array**
+(:data:`PACKED`): a JSON index (each weight's name, dtype, shape, offset) followed by every
+array's bytes, 8-byte aligned. Flower 1.42 moves each Array (and each 5 MB chunk) as its own
+object, one request per object on every hop (ServerApp -> SuperLink -> SuperNode -> the message's
+``flwr-clientapp`` process, and back): a 126-array segmenter was 255 objects per message, one
+packed Array is 7 (docs/PERFORMANCE.md 4c). Floating arrays are float32 by default. With
+``float16`` they are cast on the wire; ``bfloat16`` (which numpy lacks) travels as the upper 16
+bits of each float32, rounded to nearest even, with ``bfloat16`` as its dtype in the index. Either
+halves the bytes; receivers always get float32 back. Integer arrays (e.g. BatchNorm's
+``num_batches_tracked``) travel unchanged. :func:`record_to_weights` also reads a plain
+ArrayRecord of one Array per weight.
 
 A message's :class:`~flwr.app.RecordDict` holds at most these records:
 
@@ -17,6 +23,8 @@ site -> server: ``weights``, ``metrics`` and ``val-metrics`` (MetricRecords whos
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Mapping
 
 import numpy as np
@@ -51,8 +59,25 @@ def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+PACKED = "packed"  # the one Array of a weights record
+PACKED_DTYPE = "fedqc-packed-v1"  # its dtype field: a JSON index, then the arrays' bytes
+_ALIGN = 8
+
+
+def _wire_array(value: np.ndarray, transfer_dtype: str) -> tuple[np.ndarray, str]:
+    """The array as it travels, and the dtype its index entry names."""
+    value = np.asarray(value)  # np.ascontiguousarray would turn 0-d arrays into 1-d
+    if not np.issubdtype(value.dtype, np.floating):
+        wire = np.require(value, dtype=value.dtype.newbyteorder("<"), requirements="C")
+        return wire, wire.dtype.name
+    if transfer_dtype == _BF16:
+        return _to_bf16_bits(value), _BF16
+    wire = np.require(value, dtype=np.dtype(transfer_dtype).newbyteorder("<"), requirements="C")
+    return wire, wire.dtype.name
+
+
 def weights_to_record(weights: Mapping[str, np.ndarray], transfer_dtype: str = "float32") -> ArrayRecord:
-    """Pack flat weights into an ArrayRecord, casting floating arrays to ``transfer_dtype``.
+    """Pack flat weights into an ArrayRecord of one packed Array, casting floating arrays to ``transfer_dtype``.
 
     Args:
         weights: name -> array (any numeric dtype; floating arrays are sent as float32 or less).
@@ -63,22 +88,62 @@ def weights_to_record(weights: Mapping[str, np.ndarray], transfer_dtype: str = "
     """
     if transfer_dtype not in TRANSFER_DTYPES:
         raise ValueError(f"transfer dtype must be one of {TRANSFER_DTYPES}, got {transfer_dtype!r}")
-    record = ArrayRecord()
+    index, parts, offset = [], [], 0
     for name, value in weights.items():
-        value = np.asarray(value)  # np.ascontiguousarray would turn 0-d arrays into 1-d
-        if not np.issubdtype(value.dtype, np.floating):
-            record[name] = Array(np.require(value, requirements="C"))
-        elif transfer_dtype == _BF16:
-            packed = Array(_to_bf16_bits(value))
-            record[name] = Array(dtype=_BF16, shape=packed.shape, stype=packed.stype, data=packed.data)
-        else:
-            record[name] = Array(np.require(value, dtype=transfer_dtype, requirements="C"))
-    return record
+        wire, dtype = _wire_array(value, transfer_dtype)
+        raw = wire.tobytes()
+        index.append([name, dtype, list(wire.shape), offset, len(raw)])
+        pad = -len(raw) % _ALIGN
+        parts.append(raw + b"\0" * pad)
+        offset += len(raw) + pad
+    head = json.dumps(index, separators=(",", ":")).encode()
+    head += b" " * (-(len(head) + 8) % _ALIGN)  # the payload starts 8-byte aligned
+    data = struct.pack("!Q", len(head)) + head + b"".join(parts)
+    return ArrayRecord({PACKED: Array(dtype=PACKED_DTYPE, shape=(len(data),), stype="fedqc", data=data)})
+
+
+def _packed_index(array: Array) -> tuple[list, int]:
+    """The index of a packed Array and where its payload starts.
+
+    Raises:
+        ValueError: the index does not account for every byte (arrays back to back, 8-byte
+            aligned, nothing after the last): no byte travels that the index does not name.
+    """
+    data = array.data
+    (size,) = struct.unpack("!Q", data[:8])
+    index = json.loads(data[8:8 + size])
+    expected = 0
+    for entry in index:
+        name, dtype, shape, offset, nbytes = entry
+        itemsize = 2 if dtype == _BF16 else np.dtype(dtype).itemsize
+        if offset != expected or nbytes != itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise ValueError(f"packed weights: the entry of {name!r} does not match its bytes")
+        expected = offset + nbytes + (-nbytes % _ALIGN)
+    if len(data) - 8 - size != expected:
+        raise ValueError(f"packed weights: {len(data) - 8 - size} payload bytes, the index names {expected}")
+    return index, 8 + size
+
+
+def _is_packed(record: ArrayRecord) -> bool:
+    return list(record.keys()) == [PACKED] and record[PACKED].dtype == PACKED_DTYPE
 
 
 def record_to_weights(record: ArrayRecord) -> Weights:
-    """Unpack an ArrayRecord to flat weights; floating (and bfloat16) arrays come back float32."""
+    """Unpack a weights record (packed, or one Array per weight) to flat weights; floating (and
+    bfloat16) arrays come back float32, each its own writable array."""
     weights: Weights = {}
+    if _is_packed(record):
+        index, start = _packed_index(record[PACKED])
+        payload = np.frombuffer(record[PACKED].data, dtype=np.uint8, offset=start).copy()  # one copy, writable
+        for name, dtype, shape, offset, nbytes in index:
+            raw = payload[offset:offset + nbytes]
+            value = raw.view(np.dtype("<u2" if dtype == _BF16 else dtype).newbyteorder("<")).reshape(shape)
+            if dtype == _BF16:
+                value = _from_bf16_bits(value)
+            elif np.issubdtype(value.dtype, np.floating):
+                value = value.astype(np.float32, copy=False)
+            weights[name] = value
+        return weights
     for name, array in record.items():
         value = array.numpy()
         if array.dtype == _BF16:
@@ -90,8 +155,17 @@ def record_to_weights(record: ArrayRecord) -> Weights:
 
 
 def record_nbytes(record: ArrayRecord) -> int:
-    """Bytes of array data in a record as serialised (npy headers included, names excluded)."""
+    """Bytes of array data in a record as serialised (the packed index included)."""
     return sum(len(array.data) for array in record.values())
+
+
+def describe_arrays(record: ArrayRecord) -> dict[str, dict]:
+    """Each weight's dtype, shape and bytes as they travel (from the index of a packed record)."""
+    if _is_packed(record):
+        index, _ = _packed_index(record[PACKED])
+        return {name: {"dtype": dtype, "shape": list(shape), "nbytes": nbytes}
+                for name, dtype, shape, _, nbytes in index}
+    return {k: {"dtype": a.dtype, "shape": list(a.shape), "nbytes": len(a.data)} for k, a in record.items()}
 
 
 def weights_nbytes(weights: Mapping[str, np.ndarray]) -> int:
@@ -178,7 +252,7 @@ def describe_content(content: RecordDict) -> dict[str, dict]:
     described: dict[str, dict] = {}
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
-            items = {k: {"dtype": a.dtype, "shape": list(a.shape), "nbytes": len(a.data)} for k, a in record.items()}
+            items = describe_arrays(record)
         else:
             items = {k: {"type": type(v).__name__, "value": v if isinstance(v, (bool, int, float, str)) else None}
                      for k, v in record.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 
 from fedqc.fl import records
 from fedqc.site.contract import MetricKey
@@ -55,7 +56,7 @@ def test_half_precision_halves_the_bytes_on_the_wire():
     model_bytes = records.weights_nbytes(weights)
     sizes = {d: records.record_nbytes(records.weights_to_record(weights, d)) for d in records.TRANSFER_DTYPES}
     assert model_bytes > 2_000_000
-    assert model_bytes <= sizes["float32"] < 1.01 * model_bytes  # npy headers only
+    assert model_bytes <= sizes["float32"] < 1.01 * model_bytes  # the packed index and alignment only
     for dtype in ("float16", "bfloat16"):
         assert sizes[dtype] < 0.51 * sizes["float32"]
     print(f"\nmodel {model_bytes} B; ArrayRecord float32 {sizes['float32']} B, float16 {sizes['float16']} B, "
@@ -88,7 +89,7 @@ def test_reply_content_holds_only_the_allowed_records():
                                     {MetricKey.VAL_DICE: 0.9}, needs_ae=True, transfer_dtype="float16")
     assert set(content) <= records.REPLY_RECORDS
     described = records.describe_content(content)
-    assert described["weights"]["items"]["seg/w"] == {"dtype": "float16", "shape": [3], "nbytes": 134}
+    assert described["weights"]["items"]["seg/w"] == {"dtype": "float16", "shape": [3], "nbytes": 6}
     assert described["control"]["items"][records.SITE_ID]["value"] == "A"
     assert set(described["control"]["items"]) == records.CONTROL_KEYS
     assert described["val-metrics"]["items"]["val-dice"] == {"type": "float", "value": 0.9}
@@ -109,3 +110,42 @@ def test_run_config_and_node_config_files_survive_flowers_parsers(tmp_path):
     command = node.command()
     node_config_file = command[command.index("--node-config") + 1]
     assert parse_config_args([node_config_file]) == {**tricky, "site-id": "A", "work-dir": str(tmp_path / "site")}
+
+
+def test_weights_travel_as_one_packed_array_whatever_their_number():
+    """Flower moves each Array as its own object on every hop: a model is one Array, not one per weight."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    weights = {f"{view}/{k}": v for i, view in enumerate(("SA", "LA", "m0/SA"))
+               for k, v in _model_weights(seed=i).items()}
+    assert len(weights) > 30
+    record = records.weights_to_record(weights)
+    assert list(record.keys()) == [records.PACKED]
+    plain = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+    assert len(get_all_nested_objects(record)) < 6 < len(weights) < len(get_all_nested_objects(plain))
+    back = records.record_to_weights(record)
+    assert list(back) == list(weights)  # the order survives (aggregation sums in a fixed order)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(back[name], value)
+        assert back[name].flags.writeable and back[name].dtype == value.dtype and back[name].shape == value.shape
+    assert records.record_to_weights(plain).keys() == weights.keys()  # a plain record still reads
+
+
+def test_a_zero_dim_and_integer_weights_survive_packing():
+    weights = {"step": np.array(7, dtype=np.int64), "w": np.arange(5, dtype=np.float32).reshape(5, 1),
+               "odd": np.ones(3, dtype=np.float16)}
+    back = records.record_to_weights(records.weights_to_record(weights, "bfloat16"))
+    assert back["step"].shape == () and back["step"].dtype == np.int64 and int(back["step"]) == 7
+    np.testing.assert_array_equal(back["w"], weights["w"])
+    assert back["odd"].dtype == np.float32
+
+
+def test_a_packed_record_with_bytes_its_index_does_not_name_is_refused():
+    """What the privacy audit lists is all that travels: extra bytes behind the index are an error."""
+    record = records.weights_to_record({"w": np.ones(4, np.float32)})
+    packed = record[records.PACKED]
+    smuggled = ArrayRecord({records.PACKED: Array(dtype=packed.dtype, shape=(len(packed.data) + 8,), stype=packed.stype,
+                                                  data=packed.data + b"patient1")})
+    for read in (records.record_to_weights, records.describe_arrays):
+        with pytest.raises(ValueError, match="payload bytes"):
+            read(smuggled)
