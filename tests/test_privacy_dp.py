@@ -214,3 +214,16 @@ def test_fedqc_train_takes_the_same_dp_path(tiny_data):
     assert {tuple(s[:2]) for s in privacy["steps"]} == {(privacy["phase_noise"][p], q) for p, q in (
         ("segmenter/view", privacy["steps"][0][1]), ("autoencoder/view", privacy["steps"][1][1]))}
     assert result.candidate_states and result.autoencoder_state
+
+
+def test_clipping_only_never_stops_a_site_and_claims_no_guarantee():
+    """``noise_multiplier: 0`` (measurement only: clipping without noise) trains every round; its epsilon is infinite."""
+    plan = [("segmenter/SA", 0.1, 100)]
+    budget = PrivacyBudget.open(None, epsilon=1.0, delta=1e-3, max_grad_norm=1.0, noise_multiplier=0.0,
+                                        plan=plan, run_key="k")
+    assert budget.clipping_only and budget.fits(plan * 50)
+    budget.history.append((0.0, 0.1, 100))
+    assert budget.spent() == float("inf")
+    noisy = PrivacyBudget.open(None, epsilon=1.0, delta=1e-3, max_grad_norm=1.0, noise_multiplier=1.0,
+                                       plan=plan, run_key="k")
+    assert not noisy.clipping_only and not noisy.fits(plan * 50)

@@ -312,7 +312,15 @@ class PrivacyBudget:
         """Epsilon after the steps ``(phase, q, steps)`` on top of what is spent."""
         return epsilon_of([*self.history, *((self.noise_of(p), q, n) for p, q, n in steps)], self.delta)
 
+    @property
+    def clipping_only(self) -> bool:
+        """``noise_multiplier: 0`` was asked for: per-patient clipping without noise, no guarantee
+        (epsilon is infinite). For measurement only: such a site never stops for its budget."""
+        return self.noise_multiplier == 0 and not self.phase_noise
+
     def fits(self, steps: Sequence[tuple[str, float, int]]) -> bool:
+        if self.clipping_only:
+            return True
         return self.would_spend(steps) <= self.epsilon * (1 + 1e-9)
 
     def training(self, units: np.ndarray, batch_size: int, seed: int | None = None,
