@@ -98,8 +98,9 @@ def trace_breakdown(path: Path) -> dict[str, float]:
 
     Legs, per message: ``to_process`` (the coordinator's push to the start of the message's
     ``flwr-clientapp`` process: SuperLink, the SuperNode's poll, SuperExec's poll, the spawn),
-    ``imports`` (that process's start to fedqc's ClientApp module imported: Python, flwr, fedqc),
-    ``to_handler`` (imported to the handler called: Flower pulls the message and builds the Context),
+    ``imports`` (that process's start to fedqc's ClientApp module imported: Python and flwr start,
+    Flower pulls the message's objects and installs the FAB, then imports fedqc's ClientApp),
+    ``to_handler`` (imported to the handler called; Flower loads the app after pulling, so ~0),
     ``handler`` (fedqc's handler: unpack, the worker's round trip with the site's work, pack),
     ``back`` (the handler's return to the coordinator's pull of the reply: Flower pushes the reply
     from the process to the SuperNode, on to the SuperLink, and the coordinator's next pull).

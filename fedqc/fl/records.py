@@ -62,6 +62,8 @@ def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
 PACKED = "packed"  # the one Array of a weights record
 PACKED_DTYPE = "fedqc-packed-v1"  # its dtype field: a JSON index, then the arrays' bytes
 _ALIGN = 8
+_NUMERIC = frozenset(np.dtype(t).name for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                                np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64))
 
 
 def _wire_array(value: np.ndarray, transfer_dtype: str) -> tuple[np.ndarray, str]:
@@ -115,6 +117,8 @@ def _packed_index(array: Array) -> tuple[list, int]:
     expected = 0
     for entry in index:
         name, dtype, shape, offset, nbytes = entry
+        if dtype != _BF16 and (dtype not in _NUMERIC or np.dtype(dtype).kind not in "biuf"):
+            raise ValueError(f"packed weights: {name!r} has dtype {dtype!r}; only numeric arrays travel")
         itemsize = 2 if dtype == _BF16 else np.dtype(dtype).itemsize
         if offset != expected or nbytes != itemsize * int(np.prod(shape, dtype=np.int64)):
             raise ValueError(f"packed weights: the entry of {name!r} does not match its bytes")

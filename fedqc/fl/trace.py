@@ -1,10 +1,10 @@
 """Timestamps of one message's path, for measuring where an exchange's time goes.
 
-Off unless ``FEDQC_TRACE`` names a file (inherited by every process a run starts: the ServerApp,
-the SuperNode's ``flwr-clientapp`` processes, the site worker). Each event appends one JSON line
+Off unless ``FEDQC_TRACE`` names a file (inherited by every process a run starts: the ServerApp
+and the SuperNode's per-message ``flwr-clientapp`` processes). Each event appends one JSON line
 (wall-clock seconds; one short ``write`` on an ``O_APPEND`` file, so processes do not interleave).
 Events carry no data of any site: task names, node ids, process ids and times only.
-``benchmarks/trace_exchange.py`` turns them into a per-exchange breakdown (docs/PERFORMANCE.md 4b).
+``benchmarks/bench_federation.py --trace`` turns them into the median of each leg (docs/PERFORMANCE.md 4c).
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ def enabled() -> bool:
 def process_start() -> float:
     """This process's start (wall-clock seconds), from ``/proc``; 0.0 where that is not readable."""
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        with open("/proc/self/stat") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as system:
+            boot = next(float(line.split()[1]) for line in system if line.startswith("btime"))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return 0.0

@@ -149,3 +149,34 @@ def test_a_packed_record_with_bytes_its_index_does_not_name_is_refused():
     for read in (records.record_to_weights, records.describe_arrays):
         with pytest.raises(ValueError, match="payload bytes"):
             read(smuggled)
+
+
+def test_a_packed_record_naming_a_non_numeric_dtype_is_refused():
+    """Raw bytes are never viewed as Python objects (dtype 'O' would turn them into pointers)."""
+    import json
+    import struct
+
+    head = json.dumps([["w", "object", [1], 0, 8]]).encode()
+    head += b" " * (-(len(head) + 8) % 8)
+    data = struct.pack("!Q", len(head)) + head + b"\0" * 8
+    forged = ArrayRecord({records.PACKED: Array(dtype=records.PACKED_DTYPE, shape=(len(data),), stype="fedqc",
+                                                data=data)})
+    with pytest.raises(ValueError, match="only numeric"):
+        records.record_to_weights(forged)
+
+
+def test_the_trace_writes_one_json_line_per_event_only_when_asked(tmp_path, monkeypatch):
+    import json
+
+    from fedqc.fl import trace
+
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.delenv(trace.ENV, raising=False)
+    trace.event("push", start=1.0)
+    assert not path.exists()
+    monkeypatch.setenv(trace.ENV, str(path))
+    trace.event("push", start=1.0, nodes={"m1": 3})
+    trace.event("reply", reply_to="m1")
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["push", "reply"] and events[0]["nodes"] == {"m1": 3}
+    assert 0 < trace.process_start() <= events[0]["t"]
