@@ -98,9 +98,8 @@ def trace_breakdown(path: Path) -> dict[str, float]:
 
     Legs, per message: ``to_process`` (the coordinator's push to the start of the message's
     ``flwr-clientapp`` process: SuperLink, the SuperNode's poll, SuperExec's poll, the spawn),
-    ``imports`` (that process's start to fedqc's ClientApp module imported: Python and flwr start,
-    Flower pulls the message's objects and installs the FAB, then imports fedqc's ClientApp),
-    ``to_handler`` (imported to the handler called; Flower loads the app after pulling, so ~0),
+    ``imports`` (that process's start to the handler: Python and flwr start, Flower pulls the
+    message's objects and installs the FAB, then imports fedqc's ClientApp and calls it at once),
     ``handler`` (fedqc's handler: unpack, the worker's round trip with the site's work, pack),
     ``back`` (the handler's return to the coordinator's pull of the reply: Flower pushes the reply
     from the process to the SuperNode, on to the SuperLink, and the coordinator's next pull).
@@ -109,14 +108,13 @@ def trace_breakdown(path: Path) -> dict[str, float]:
     pushes = {mid: e for e in events if e["event"] == "push" for mid in e["nodes"]}
     apps = {e["reply_to"]: e for e in events if e["event"] == "clientapp"}
     replies = {e["reply_to"]: e for e in events if e["event"] == "reply"}
-    legs: dict[str, list[float]] = {k: [] for k in ("to_process", "imports", "to_handler", "handler", "back", "total")}
+    legs: dict[str, list[float]] = {k: [] for k in ("to_process", "imports", "handler", "back", "total")}
     for mid, push in pushes.items():
         app, reply = apps.get(mid), replies.get(mid)
         if app is None or reply is None or not app["proc_start"]:
             continue
         legs["to_process"].append(app["proc_start"] - push["start"])
-        legs["imports"].append(app["imported"] - app["proc_start"])
-        legs["to_handler"].append(app["entry"] - app["imported"])
+        legs["imports"].append(app["entry"] - app["proc_start"])
         legs["handler"].append(app["exit"] - app["entry"])
         legs["back"].append(reply["t"] - app["exit"])
         legs["total"].append(reply["t"] - push["start"])

@@ -17,6 +17,11 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
+from fedqc.qc.ood import flag_ood
+from fedqc.qc.thresholds import Thresholds, fence_quartiles, pooled_fences
+
 BAD = 0.8
 
 
@@ -33,31 +38,26 @@ def main(argv=None) -> int:
         cases = [c for c in report["cases"] if c["view"] == view and c["variant"] == "M"]
         if not cases:
             continue
-        fences = None
-        for site in sorted(shifted):
-            path = args.run / "sites" / site / "thresholds" / f"{view}.json"
-            if path.is_file():
-                fences = json.loads(path.read_text())
-                break
-        if fences is None:
+        stored = next((path for site in sorted(shifted)
+                       if (path := args.run / "sites" / site / "thresholds" / f"{view}.json").is_file()), None)
+        if stored is None:
             continue
-        fences = fences.get("thresholds", fences)
+        quartiles = fence_quartiles(Thresholds.from_json(stored))
+        mine = [c for c in cases if c["site"] in shifted]
+        others = [c for c in cases if c["site"] not in shifted]
+        bad = np.array([c["rv_dice"] < BAD for c in mine])
         for k in args.factors:
-            low = fences["q1_pdc"] - k * (fences["q3_pdc"] - fences["q1_pdc"])
-            up = fences["q3_phd"] + k * (fences["q3_phd"] - fences["q1_phd"])
+            fences = pooled_fences([quartiles], k)  # the coordinator's own formula, at factor k
 
-            def flagged(c: dict) -> bool:
-                return not (c["pdc"] >= low and c["phd"] <= up)
+            def flags(rows: list[dict], fences: Thresholds = fences) -> np.ndarray:
+                return flag_ood(np.array([c["pdc"] for c in rows]), np.array([c["phd"] for c in rows]), fences)
 
-            mine = [c for c in cases if c["site"] in shifted]
-            others = [c for c in cases if c["site"] not in shifted]
-            flags = [flagged(c) for c in mine]
-            bad = [c["rv_dice"] < BAD for c in mine]
-            tp = sum(f and b for f, b in zip(flags, bad))
-            precision = f"{tp / sum(flags):.2f}" if any(flags) else "-"
-            recall = f"{tp / sum(bad):.2f}" if any(bad) else "-"
-            print(f"| {view} | {k} | {low:.3f} | {up:.1f} | {sum(flags)}/{len(mine)} | {precision} | {recall} | "
-                  f"{sum(flagged(c) for c in others)}/{len(others)} |")
+            flagged = flags(mine)
+            tp = int((flagged & bad).sum())
+            precision = f"{tp / flagged.sum():.2f}" if flagged.any() else "-"
+            recall = f"{tp / bad.sum():.2f}" if bad.any() else "-"
+            print(f"| {view} | {k} | {fences.th_low_pdc:.3f} | {fences.th_up_phd:.1f} | {int(flagged.sum())}/{len(mine)} "
+                  f"| {precision} | {recall} | {int(flags(others).sum()) if others else 0}/{len(others)} |")
     return 0
 
 

@@ -127,9 +127,9 @@ def test_autoencoder_epoch_trains_on_the_examples_as_given():
 
 
 def test_segmenter_examples_only_for_a_corrective_module_that_asks_for_them():
-    import numpy as np
-
     from pathlib import Path
+
+    import numpy as np
 
     from fedqc.config import Config, QCConfig, SiteConfig
     from fedqc.train.stages import examples_of

@@ -15,7 +15,6 @@ from fedqc.fl import trace
 from fedqc.fl.audit import audit_mod
 from fedqc.fl.site_runner import handle as _handle
 
-_IMPORTED = time.time()
 app = ClientApp(mods=[audit_mod])
 
 
@@ -26,7 +25,7 @@ def handle(msg: Message, context: Context) -> Message:
     entry = time.time()
     reply = _handle(msg, context)
     trace.event("clientapp", node=int(context.node_id), reply_to=str(msg.metadata.message_id),
-                proc_start=trace.process_start(), imported=_IMPORTED, entry=entry, exit=time.time())
+                proc_start=trace.process_start(), entry=entry, exit=time.time())
     return reply
 
 

@@ -238,13 +238,15 @@ def send_and_receive(grid: Grid, messages: list[Message], deadline: float) -> li
     """
     pushed_at = time.time()
     pending = set(grid.push_messages(messages))
-    trace.event("push", start=pushed_at, type=messages[0].metadata.message_type if messages else "",
-                nodes={str(m.metadata.message_id): int(m.metadata.dst_node_id) for m in messages})
+    tracing = trace.enabled()
+    if tracing:
+        trace.event("push", start=pushed_at, type=messages[0].metadata.message_type if messages else "",
+                    nodes={str(m.metadata.message_id): int(m.metadata.dst_node_id) for m in messages})
     replies: list[Message] = []
     while pending:
         pulled = list(grid.pull_messages(pending))
         replies.extend(pulled)
-        for reply in pulled:
+        for reply in pulled if tracing else ():
             trace.event("reply", reply_to=str(reply.metadata.reply_to_message_id))
         pending.difference_update(m.metadata.reply_to_message_id for m in pulled)
         if not pending or time.monotonic() >= deadline:

@@ -118,6 +118,15 @@ def run_local_federation(run_dir: Path, sites: Sequence[Mapping[str, Scalar]], f
     return result
 
 
+def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.3) -> None:
+    """Poll ``predicate`` until it is true; AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll_s)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The self-test: a toy federation on loopback, one round per phase; 0 when it completed cleanly."""
     parser = argparse.ArgumentParser(prog="python -m tests.fl.local", description=__doc__)
@@ -142,11 +151,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.3) -> None:
-    """Poll ``predicate`` until it is true; AssertionError naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll_s)
