@@ -187,3 +187,37 @@ def test_progress_reports_each_centre(tmp_path: Path) -> None:
     simulate_dataset(tmp_path / "p", "tiny", subjects_per_centre=1, progress=messages.append)
     assert sum(m.startswith("centre ") for m in messages) == len(PRESETS["tiny"].centres)
     assert not list(tmp_path.glob(".*partial"))
+
+
+def _volume_ml_at(subject, label: int, phase: str) -> float:
+    voxel_mm3 = abs(np.linalg.det(subject.affines["SA"][:3, :3]))
+    return float((subject.labels[("SA", phase)] == label).sum() * voxel_mm3 / 1000)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_hcm_keeps_a_right_ventricle_at_end_systole_in_both_views(seed: int) -> None:
+    """A thick HCM septum once filled the RV at ES (RV ejection fraction 0.8-0.98, LA slices with no
+    RV): the RV now wraps the septum as it is, and the four-chamber plan cuts every structure."""
+    from fedqc.data.simulator.subject import LA_MIN_AREA_MM2
+
+    centre = PRESETS["quickstart"].centres[0]
+    hcm = simulate_subject(np.random.default_rng([0, 1, seed]), "HCM", centre, depths=1)
+    rv_ef = 1.0 - _volume_ml_at(hcm, 3, "ES") / _volume_ml_at(hcm, 3, "ED")
+    assert 0.3 < rv_ef < 0.7, f"RV ejection fraction {rv_ef:.2f}"
+    pixel_mm2 = float(np.prod(np.linalg.norm(hcm.affines["LA"][:3, :2], axis=0)))
+    for phase in ("ED", "ES"):
+        areas = [(hcm.labels[("LA", phase)] == k).sum() * pixel_mm2 for k in (1, 2, 3)]
+        assert min(areas) >= LA_MIN_AREA_MM2, (phase, areas)
+
+
+def test_data_from_another_simulator_version_is_named(tiny: Path, tmp_path: Path) -> None:
+    from fedqc.data.simulator import SIMULATOR_VERSION, stale_simulation
+
+    assert stale_simulation(tiny) is None
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "dataset_information.csv").write_text((tiny / "dataset_information.csv").read_text())
+    message = stale_simulation(old)  # no stamp: written before the stamp existed
+    assert message and "version 1" in message and f"version {SIMULATOR_VERSION}" in message
+    (old / "simulator.json").write_text("{not json")
+    assert "cannot be read" in stale_simulation(old)

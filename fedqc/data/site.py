@@ -236,10 +236,13 @@ def ensure_data(config: Config, progress=print) -> None:
     """Generate simulated data for sites whose root does not exist yet (``simulated:`` in config)."""
     if config.simulated is None:
         return
-    from fedqc.data.simulator import simulate_dataset
+    from fedqc.data.simulator import simulate_dataset, stale_simulation
 
     for root in sorted({site.root for site in config.sites}):
         if (root / "dataset_information.csv").is_file():
+            stale = stale_simulation(root)
+            if stale:
+                progress(f"warning: {stale}")
             continue
         sim = config.simulated
         progress(f"simulating data ({sim.preset}, seed {sim.seed}) into {root} (first use)")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,14 @@ from fedqc.data.simulator.write import (
     write_preview,
 )
 
-__all__ = ["DISEASES", "PRESETS", "Preset", "get_preset", "preset_table", "simulate_dataset"]
+__all__ = ["DISEASES", "PRESETS", "SIMULATOR_VERSION", "Preset", "get_preset", "preset_table", "simulate_dataset",
+           "stale_simulation"]
+
+#: Bumped whenever the same seed gives other data; written to ``simulator.json`` beside the data.
+#: 2: the RV wraps a thickened septum (HCM kept an RV at ES) and the four-chamber plan cuts every
+#: structure at both phases (docs/SIMULATOR.md).
+SIMULATOR_VERSION = 2
+STAMP_FILE = "simulator.json"
 
 PREVIEW_SUBJECTS_PER_CENTRE = 3
 _PROGRESS_BATCH = 8
@@ -97,6 +105,9 @@ def simulate_dataset(out_dir: Path, preset: str = "consortium", subjects_per_cen
                         panels))
     write_metadata_csv(partial / "dataset_information.csv", rows)
     write_preview(partial / "preview.png", preview)
+    (partial / STAMP_FILE).write_text(json.dumps({
+        "simulator_version": SIMULATOR_VERSION, "preset": spec.name, "subjects_per_centre": n, "seed": seed,
+        "shift_strength": spec.shift_strength}, indent=1) + "\n")
     if out_dir.exists():
         out_dir.rmdir()
     partial.rename(out_dir)
@@ -143,3 +154,22 @@ def _preview_panels(code: str, subject: SimulatedSubject) -> list[PreviewPanel]:
     return [PreviewPanel(sa[:, :, mid].astype(np.float32), sa_gt[:, :, mid], f"{caption} SA"),
             PreviewPanel(subject.images[("LA", "ED")][:, :, 0].astype(np.float32),
                          subject.labels[("LA", "ED")][:, :, 0], f"{caption} LA")]
+
+
+def stale_simulation(root: Path) -> str | None:
+    """Why the simulated data at ``root`` is not what this simulator writes, or None when it is.
+
+    Data without a stamp, or stamped by another :data:`SIMULATOR_VERSION`, stays usable; the caller
+    says so, because results on it differ from results on freshly simulated data.
+    """
+    stamp = Path(root) / STAMP_FILE
+    try:
+        version = json.loads(stamp.read_text()).get("simulator_version")
+    except FileNotFoundError:
+        version = 1
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{stamp} cannot be read ({exc})"
+    if version == SIMULATOR_VERSION:
+        return None
+    return (f"{root} was simulated by simulator version {version}, this fedqc writes version {SIMULATOR_VERSION}; "
+            f"results on it differ from the documented ones: move the folder away to simulate it again")

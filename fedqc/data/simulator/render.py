@@ -87,6 +87,19 @@ def _heart_points(anatomy: SubjectAnatomy, phase: str, plane: SlicePlane, box: t
     return out
 
 
+def plane_labels(anatomy: SubjectAnatomy, plane: SlicePlane, phase: str) -> LabelArray:
+    """The labels :func:`render_plane` gives ``plane`` at ``phase``, without rendering the image.
+
+    Deterministic (no random draws), so a plan can be checked before it is acquired.
+    """
+    labels = np.zeros(plane.shape, dtype=np.uint8)
+    box = _heart_box(anatomy, plane)
+    if box is not None:
+        (points,) = _heart_points(anatomy, phase, plane, box, [0.0])
+        labels[box] = _labels(heart_layers(*points, anatomy, phase, float(np.mean(plane.spacing_mm))))
+    return labels
+
+
 def render_plane(anatomy: SubjectAnatomy, plane: SlicePlane, contrast: Sequence[float], rng: np.random.Generator,
                  phases: Sequence[str] = ("ED", "ES"), depths: int = 3
                  ) -> dict[str, tuple[FloatArray, LabelArray, FloatArray]]:
