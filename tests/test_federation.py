@@ -72,6 +72,16 @@ def test_simulated_federation_every_phase_report_and_privacy(tiny_data, tmp_path
     # Predictions and the QC report stay at the site.
     assert len(list((run / "sites" / "centre2" / "predictions").glob("*_pred.nii.gz"))) == 16
     assert (run / "sites" / "centre2" / "predictions" / "qc.csv").is_file()
+    # The finished run scored again with another selection, without federating: the earlier
+    # report is kept beside the new one; a folder that is not a finished run is refused.
+    log_before = (run / "log.json").read_text()
+    assert main(["simulate", "--config", str(config), "--out", str(run), "--report-only",
+                 "--set", "qc.selection=paper"]) == 0
+    assert (run / "report.previous.md").read_text() == report
+    assert "{M}+QC" in (run / "report.md").read_text()
+    assert (run / "log.json").read_text() == log_before  # no round ran
+    assert main(["simulate", "--config", str(config), "--out", str(tmp_path / "nothing"), "--report-only"]) == 2
+    assert not (tmp_path / "nothing" / "report.md").exists()
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen:

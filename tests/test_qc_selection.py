@@ -113,3 +113,24 @@ def test_guarded_selection_keeps_a_passing_m_unless_another_is_clearly_better():
     assert select_candidate(pdc, phd, 10.0, th_low_pdc=0.5, margin=0.02).index == 1  # clearly better
     failing = np.array([0.40, 0.83, 0.70])
     assert select_candidate(failing, phd, 10.0, th_low_pdc=0.5, margin=0.5).index == 1  # M fails the fences
+
+
+def test_abstaining_selection_keeps_m_when_every_candidate_is_flagged():
+    import numpy as np
+
+    from fedqc.qc.selection import select_candidate
+
+    # Every candidate fails a fence (the case is flagged): the paper walks the ranking / falls back,
+    # abstaining keeps M.
+    pdc, phd = np.array([0.30, 0.45, 0.35]), np.array([30.0, 12.0, 40.0])
+    th_low, th_up = 0.5, 10.0
+    assert select_candidate(pdc, phd, th_up, th_low, margin=0.05).fallback_pair == (1, 1)
+    assert select_candidate(pdc, phd, th_up, th_low, margin=0.05, abstain=True).index == 0
+    # One candidate passes: abstaining changes nothing, the guard's choice stands.
+    passing = np.array([0.30, 0.60, 0.35])
+    assert select_candidate(passing, np.array([30.0, 8.0, 40.0]), th_up, th_low, margin=0.05, abstain=True).index == 1
+    # The paper's selection (no guard) ignores abstain.
+    assert select_candidate(pdc, phd, th_up, abstain=True).fallback_pair == (1, 1)
+    # NaN scores fail the fences like any other failing score.
+    nan = np.array([np.nan, np.nan, np.nan])
+    assert select_candidate(nan, nan, th_up, th_low, margin=0.05, abstain=True).index == 0

@@ -231,8 +231,11 @@ def evaluate_command(data: Path, pred: Path, json_path: Path | None = None) -> i
     return 0
 
 
-def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int:
-    """``fedqc simulate``: the whole federation on this machine, then the per-site ablation report."""
+def simulate_command(config_path: Path, run: Path | None, overrides=None, report_only: bool = False) -> int:
+    """``fedqc simulate``: the whole federation on this machine, then the per-site ablation report.
+
+    ``report_only``: score the finished run in ``run`` again, without federating.
+    """
     from fedqc.evaluation.federated_report import federated_report
     from fedqc.fl import run_state
     from fedqc.fl.from_config import federation_settings, node_config
@@ -243,12 +246,24 @@ def simulate_command(config_path: Path, run: Path | None, overrides=None) -> int
     ensure_data(config)
     check_fence_sizes(config, federated=True)
     start = time.perf_counter()
-    sites = [node_config(site, config.views) for site in config.sites]
-    simulation = SimulationConfig(sites=sites, federation=federation_settings(config, audit=True, control=True))
-    print(f"federating {len(sites)} sites ({', '.join(s.name for s in config.sites)}) into {run}")
-    run_simulation(simulation, run)
-    seconds = time.perf_counter() - start
-    print(f"federation finished in {seconds:.0f} s; scoring each site's held-out test subjects")
+    if report_only:
+        state_path = run / run_state.STATE
+        state = run_state.read_json(state_path) if state_path.is_file() else {}
+        if state.get("phase") != "done":
+            raise DataError(state_path, f"is not a finished run (phase {state.get('phase')!r}); --report-only "
+                                        "scores a run that `fedqc simulate` completed")
+        for name in ("report.md", "report.json"):  # the earlier scoring is kept beside the new one
+            if (run / name).is_file():
+                (run / name).replace(run / name.replace("report", "report.previous"))
+        print(f"scoring the finished run {run} again (no federation); the earlier report is now "
+              f"report.previous.md / .json")
+    else:
+        sites = [node_config(site, config.views) for site in config.sites]
+        simulation = SimulationConfig(sites=sites, federation=federation_settings(config, audit=True, control=True))
+        print(f"federating {len(sites)} sites ({', '.join(s.name for s in config.sites)}) into {run}")
+        run_simulation(simulation, run)
+        seconds = time.perf_counter() - start
+        print(f"federation finished in {seconds:.0f} s; scoring each site's held-out test subjects")
     state = run_state.read_json(run / run_state.STATE)
     supervised = [run_state.load_arrays(run_state.supervised_checkpoint(run, r)) for r in state.get("candidates") or []]
     table = federated_report(config, run, run_state.load_arrays(run / state["weights"]), supervised)

@@ -62,7 +62,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedqc.cli.commands import simulate_command
 
     return simulate_command(Path(args.config), None if args.out is None else Path(args.out),
-                            overrides=_overrides(args.set))
+                            overrides=_overrides(args.set), report_only=args.report_only)
 
 
 def _overrides(pairs: Sequence[str] | None) -> dict[str, object]:
@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--report-only", action="store_true",
+                   help="score a finished run in --out again (report.md / report.json) without federating: "
+                        "e.g. after changing an inference-time key such as qc.selection; the sites' "
+                        "predictions/ folders are not rewritten")
     p.set_defaults(func=_cmd_simulate)
     return parser
 

@@ -124,6 +124,9 @@ class QCConfig:
     # candidate's pDC is better by more than selection_margin; fedqc.qc.selection).
     selection: Literal["paper", "guarded"] = "guarded"
     selection_margin: float = 0.05
+    # With guarded selection: keep M on a case that no candidate passes (flagged OoD) instead of the
+    # paper's ranking and fallback among candidates judged out of distribution (docs/QC.md).
+    selection_abstain: bool = True
     classes: Literal["rv", "foreground"] = "rv"
     hausdorff: Literal["max", "p95"] = "max"
     tukey_factor: float = 1.5

@@ -39,7 +39,8 @@ def predict_case(config: Config, models: Sequence[torch.nn.Module], autoencoder:
     ood = bool(flag_ood(pdc[None], phd[None], thresholds)[0])
     if selection:
         guard = config.qc.selection_margin if config.qc.selection == "guarded" else None
-        choice = select_candidate(pdc, phd, thresholds.th_up_phd, thresholds.th_low_pdc, guard)
+        choice = select_candidate(pdc, phd, thresholds.th_up_phd, thresholds.th_low_pdc, guard,
+                                  abstain=config.qc.selection_abstain)
         chosen = apply_selection(choice, probs)
         index = choice.index
     else:

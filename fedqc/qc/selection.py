@@ -50,7 +50,7 @@ def rank_by_pdc(pdc: np.ndarray, phd: np.ndarray) -> np.ndarray:
 
 
 def select_candidate(pdc: np.ndarray, phd: np.ndarray, th_up_phd: float, th_low_pdc: float | None = None,
-                     margin: float | None = None) -> Selection:
+                     margin: float | None = None, abstain: bool = False) -> Selection:
     """Steps 1-5 of the paper's selection for one case, optionally guarded.
 
     Guarded (``margin`` and ``th_low_pdc`` given): candidate 0, the best-validation model M, is kept
@@ -58,12 +58,18 @@ def select_candidate(pdc: np.ndarray, phd: np.ndarray, th_up_phd: float, th_low_
     ``margin``. A weak QC module ranks near-equal candidates by noise; unguarded, that noise
     overrode a good M in-distribution (docs/QC.md).
 
+    Abstaining (with the guard): when no candidate passes both fences (``pdc >= th_low`` and
+    ``phd <= th_up``: the case is flagged OoD), M is kept instead of walking a ranking of candidates
+    QC has just judged out of distribution; on those cases the ranking was measured to be noise
+    (docs/RESULTS.md, ``benchmarks/selection_rules.py``).
+
     Args:
         pdc: ``(m,)`` pDC per candidate.
         phd: ``(m,)`` pHD in mm per candidate.
         th_up_phd: the upper pHD fence (Eq. 4).
         th_low_pdc: the lower pDC fence (Eq. 3), for the guard.
         margin: pDC margin of the guard; None: the paper's selection.
+        abstain: keep M on a case no candidate passes (guarded selection only).
 
     Returns:
         The :class:`Selection`.
@@ -71,8 +77,11 @@ def select_candidate(pdc: np.ndarray, phd: np.ndarray, th_up_phd: float, th_low_
     pdc_key, phd_key = _keys(pdc, phd)
     ranking = rank_by_pdc(pdc_key, phd_key)
     if margin is not None and th_low_pdc is not None:
-        passes = pdc_key[0] >= th_low_pdc and phd_key[0] < th_up_phd
-        if passes and pdc_key[ranking[0]] - pdc_key[0] <= margin:
+        passes = (pdc_key >= th_low_pdc) & (phd_key <= th_up_phd)
+        if abstain and not passes.any():
+            return Selection(index=0)
+        m_passes = pdc_key[0] >= th_low_pdc and phd_key[0] < th_up_phd
+        if m_passes and pdc_key[ranking[0]] - pdc_key[0] <= margin:
             return Selection(index=0)
     for i in ranking:
         if phd_key[i] < th_up_phd:

@@ -1,0 +1,99 @@
+"""Which QC-based selection hurts least: {M}+QC under each rule, against M, on every site's test cases.
+
+For a finished ``fedqc simulate`` run, every held-out test case of every site is segmented by each
+of the m_best supervised candidates; each candidate's pDC / pHD (the site's fences) and its RV Dice
+against the truth on the network grid are kept, and the selection rules are replayed on the same
+scores:
+
+* ``paper``: the paper's steps 1-5 (``qc.selection: paper``);
+* ``guarded``: M kept while it passes both fences unless another candidate's pDC beats it by more
+  than ``qc.selection_margin`` (the default, ``fedqc.qc.selection``);
+* ``guarded+abstain``: as guarded, and when no candidate passes both fences (a flagged case)
+  M is kept instead of the paper's step 5 (a fallback among candidates QC has just judged
+  out of distribution).
+
+Prints, per view and site, the mean RV Dice (grid) of M and of each rule, and the rule minus M.
+Grid Dice, not the report's original-geometry Dice: close, not identical.
+
+    python benchmarks/selection_rules.py --config configs/quickstart.yaml --run runs/v2_s0 --set train.seed=0
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedqc.cli.main import _overrides
+from fedqc.config import load_config
+from fedqc.data.site import load_site_split
+from fedqc.evaluation.federated_report import _state
+from fedqc.fl import run_state
+from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
+from fedqc.qc.metrics import dice
+from fedqc.qc.ood import candidate_passes
+from fedqc.qc.scoring import score_cases, segment
+from fedqc.qc.selection import apply_selection, select_candidate
+from fedqc.qc.thresholds import Thresholds
+
+RULES = ("paper", "guarded", "guarded+abstain")
+
+
+def choose(rule: str, pdc: np.ndarray, phd: np.ndarray, th: Thresholds, margin: float):
+    """The :class:`~fedqc.qc.selection.Selection` of one case under ``rule``."""
+    from fedqc.qc.selection import Selection
+
+    if rule == "paper":
+        return select_candidate(pdc, phd, th.th_up_phd)
+    if rule == "guarded+abstain" and not candidate_passes(pdc[None], phd[None], th).any():
+        return Selection(index=0)
+    return select_candidate(pdc, phd, th.th_up_phd, th.th_low_pdc, margin)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    config = load_config(args.config, _overrides(args.set))
+    device = torch.device("cpu")
+    state = run_state.read_json(args.run / run_state.STATE)
+    final = run_state.load_arrays(args.run / state["weights"])
+    supervised = [run_state.load_arrays(run_state.supervised_checkpoint(args.run, r)) for r in state["candidates"]]
+    print(f"run {args.run}: m_best supervised rounds {state['candidates']}, margin {config.qc.selection_margin}\n")
+    print("| view | site | cases | M | " + " | ".join(RULES) + " | " + " | ".join(f"{r} - M" for r in RULES) + " |")
+    print("|---|---|---|---|" + "---|" * (2 * len(RULES)))
+    for view in config.views:
+        models = segmenters_from_states(config, [_state(w, f"seg/{view}/") for w in supervised], device)
+        ae = frozen_autoencoder(config, _state(final, f"ae/{view}/"), device)
+        for site in config.sites:
+            path = args.run / "sites" / site.name / "thresholds" / f"{view}.json"
+            test = load_site_split(site, view, config, progress=None).test if path.is_file() else []
+            if not test:
+                continue
+            th = Thresholds.from_json(path)
+            scores = score_cases(models, ae, test, config.qc, device)
+            per_rule = {r: [] for r in ("M", *RULES)}
+            with torch.no_grad():
+                for i, case in enumerate(test):
+                    probs = torch.stack([segment(m, case.images, device) for m in models]).numpy()
+                    per_rule["M"].append(_rv_dice(probs[0], case.labels))
+                    for rule in RULES:
+                        sel = choose(rule, scores.pdc[i], scores.phd[i], th, config.qc.selection_margin)
+                        per_rule[rule].append(_rv_dice(apply_selection(sel, probs), case.labels))
+            mean = {r: float(np.mean(v)) for r, v in per_rule.items()}
+            print(f"| {view} | {site.name} | {len(test)} | {mean['M']:.3f} | "
+                  + " | ".join(f"{mean[r]:.3f}" for r in RULES) + " | "
+                  + " | ".join(f"{mean[r] - mean['M']:+.3f}" for r in RULES) + " |", flush=True)
+
+
+def _rv_dice(probs: np.ndarray, labels: np.ndarray) -> float:
+    """RV Dice of (Z, C, H, W) probabilities' argmax against (Z, H, W) labels."""
+    return float(dice(probs.argmax(1), labels, (3,))[0])
+
+
+if __name__ == "__main__":
+    main()
