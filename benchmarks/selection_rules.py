@@ -7,10 +7,15 @@ scores:
 
 * ``paper``: the paper's steps 1-5 (``qc.selection: paper``);
 * ``guarded``: M kept while it passes both fences unless another candidate's pDC beats it by more
-  than ``qc.selection_margin`` (the default, ``fedqc.qc.selection``);
+  than ``qc.selection_margin`` (``qc.selection: guarded``);
 * ``guarded+abstain``: as guarded, and when no candidate passes both fences (a flagged case)
   M is kept instead of the paper's step 5 (a fallback among candidates QC has just judged
-  out of distribution).
+  out of distribution);
+* ``margin``: M is kept unless another candidate's pDC beats it by more than the margin, whether
+  or not M passes the fences; otherwise the paper's steps (``qc.selection: margin``, the default).
+
+``--candidates refined`` replays the rules on the run's refined candidates (full) instead of the
+supervised ones ({M}+QC); "M" is then the first refined candidate.
 
 Prints, per view and site, the mean RV Dice (grid) of M and of each rule, and the rule minus M.
 Grid Dice, not the report's original-geometry Dice: close, not identical.
@@ -28,6 +33,7 @@ import torch
 
 from fedqc.cli.main import _overrides
 from fedqc.config import load_config
+from fedqc.core.types import candidate_prefix
 from fedqc.data.site import load_site_split
 from fedqc.evaluation.federated_report import _state
 from fedqc.fl import run_state
@@ -35,21 +41,19 @@ from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 from fedqc.qc.metrics import dice
 from fedqc.qc.ood import candidate_passes
 from fedqc.qc.scoring import score_cases, segment
-from fedqc.qc.selection import apply_selection, select_candidate
+from fedqc.qc.selection import Selection, apply_selection, select_candidate
 from fedqc.qc.thresholds import Thresholds
 
-RULES = ("paper", "guarded", "guarded+abstain")
+RULES = ("paper", "guarded", "guarded+abstain", "margin")
 
 
-def choose(rule: str, pdc: np.ndarray, phd: np.ndarray, th: Thresholds, margin: float):
+def choose(rule: str, pdc: np.ndarray, phd: np.ndarray, th: Thresholds, margin: float) -> Selection:
     """The :class:`~fedqc.qc.selection.Selection` of one case under ``rule``."""
-    from fedqc.qc.selection import Selection
-
     if rule == "paper":
         return select_candidate(pdc, phd, th.th_up_phd)
     if rule == "guarded+abstain" and not candidate_passes(pdc[None], phd[None], th).any():
         return Selection(index=0)
-    return select_candidate(pdc, phd, th.th_up_phd, th.th_low_pdc, margin)
+    return select_candidate(pdc, phd, th.th_up_phd, th.th_low_pdc, margin, m_must_pass=rule != "margin")
 
 
 def main() -> None:
@@ -57,17 +61,24 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--candidates", choices=("supervised", "refined"), default="supervised")
     args = parser.parse_args()
     config = load_config(args.config, _overrides(args.set))
     device = torch.device("cpu")
     state = run_state.read_json(args.run / run_state.STATE)
     final = run_state.load_arrays(args.run / state["weights"])
     supervised = [run_state.load_arrays(run_state.supervised_checkpoint(args.run, r)) for r in state["candidates"]]
-    print(f"run {args.run}: m_best supervised rounds {state['candidates']}, margin {config.qc.selection_margin}\n")
+    print(f"run {args.run}: {args.candidates} candidates (supervised rounds {state['candidates']}), "
+          f"margin {config.qc.selection_margin}\n")
     print("| view | site | cases | M | " + " | ".join(RULES) + " | " + " | ".join(f"{r} - M" for r in RULES) + " |")
     print("|---|---|---|---|" + "---|" * (2 * len(RULES)))
     for view in config.views:
-        models = segmenters_from_states(config, [_state(w, f"seg/{view}/") for w in supervised], device)
+        if args.candidates == "refined":
+            prefixes = [f"{candidate_prefix(i)}seg/{view}/" for i in range(len(final))]
+            states = [_state(final, p) for p in prefixes if any(k.startswith(p) for k in final)]
+        else:
+            states = [_state(w, f"seg/{view}/") for w in supervised]
+        models = segmenters_from_states(config, states, device)
         ae = frozen_autoencoder(config, _state(final, f"ae/{view}/"), device)
         for site in config.sites:
             path = args.run / "sites" / site.name / "thresholds" / f"{view}.json"

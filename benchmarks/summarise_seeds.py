@@ -55,7 +55,8 @@ def main(args: list[str]) -> None:
         print(f"| {view} | {site} | " + " | ".join(cells)
               + f" | {mean_sd(gain)} | {runs_of(gain, True)} | {mean_sd(sel)} | {runs_of(sel, True)} |")
     print("\nFlags of the test cases (bad: RV Dice of M < 0.8), per run\n")
-    print("| view | site | flagged / cases | precision | recall | flagged: prediction RV Dice | flagged: R output RV Dice |")
+    print("| view | site | flagged / cases | precision | recall | flagged: prediction RV Dice |"
+          " flagged: R output RV Dice |")
     print("|---|---|---|---|---|---|---|")
     signal = [{(q["view"], q["site"]): q for q in rep["qc_signal"]} for rep in reports]
     for view, site in keys:

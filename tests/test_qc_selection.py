@@ -115,22 +115,23 @@ def test_guarded_selection_keeps_a_passing_m_unless_another_is_clearly_better():
     assert select_candidate(failing, phd, 10.0, th_low_pdc=0.5, margin=0.5).index == 1  # M fails the fences
 
 
-def test_abstaining_selection_keeps_m_when_every_candidate_is_flagged():
+def test_margin_selection_keeps_m_by_the_margin_even_when_it_is_flagged():
     import numpy as np
 
     from fedqc.qc.selection import select_candidate
 
-    # Every candidate fails a fence (the case is flagged): the paper walks the ranking / falls back,
-    # abstaining keeps M.
-    pdc, phd = np.array([0.30, 0.45, 0.35]), np.array([30.0, 12.0, 40.0])
+    # Every candidate fails a fence (the case is flagged), none beats M by more than the margin:
+    # guarded hands over to the paper's steps (here the fallback), margin keeps M.
+    pdc, phd = np.array([0.30, 0.34, 0.33]), np.array([30.0, 12.0, 40.0])
     th_low, th_up = 0.5, 10.0
     assert select_candidate(pdc, phd, th_up, th_low, margin=0.05).fallback_pair == (1, 1)
-    assert select_candidate(pdc, phd, th_up, th_low, margin=0.05, abstain=True).index == 0
-    # One candidate passes: abstaining changes nothing, the guard's choice stands.
-    passing = np.array([0.30, 0.60, 0.35])
-    assert select_candidate(passing, np.array([30.0, 8.0, 40.0]), th_up, th_low, margin=0.05, abstain=True).index == 1
-    # The paper's selection (no guard) ignores abstain.
-    assert select_candidate(pdc, phd, th_up, abstain=True).fallback_pair == (1, 1)
-    # NaN scores fail the fences like any other failing score.
-    nan = np.array([np.nan, np.nan, np.nan])
-    assert select_candidate(nan, nan, th_up, th_low, margin=0.05, abstain=True).index == 0
+    assert select_candidate(pdc, phd, th_up, th_low, margin=0.05, m_must_pass=False).index == 0
+    # Another candidate clearly better: the paper's steps choose, fences and all.
+    better = np.array([0.30, 0.60, 0.33])
+    assert select_candidate(better, np.array([30.0, 8.0, 40.0]), th_up, margin=0.05, m_must_pass=False).index == 1
+    assert select_candidate(better, phd, th_up, margin=0.05, m_must_pass=False).fallback_pair == (1, 1)
+    # A NaN pDC for M never keeps it; guarded selection needs its lower fence.
+    nan_m = np.array([np.nan, 0.34, 0.33])
+    assert select_candidate(nan_m, np.array([30.0, 8.0, 40.0]), th_up, margin=0.05, m_must_pass=False).index == 1
+    with pytest.raises(ValueError, match="th_low_pdc"):
+        select_candidate(pdc, phd, th_up, margin=0.05)

@@ -38,9 +38,9 @@ def predict_case(config: Config, models: Sequence[torch.nn.Module], autoencoder:
     probs, recons, pdc, phd = candidate_outputs(models, autoencoder, case, config.qc, device)
     ood = bool(flag_ood(pdc[None], phd[None], thresholds)[0])
     if selection:
-        guard = config.qc.selection_margin if config.qc.selection == "guarded" else None
-        choice = select_candidate(pdc, phd, thresholds.th_up_phd, thresholds.th_low_pdc, guard,
-                                  abstain=config.qc.selection_abstain)
+        margin = None if config.qc.selection == "paper" else config.qc.selection_margin
+        choice = select_candidate(pdc, phd, thresholds.th_up_phd, thresholds.th_low_pdc, margin,
+                                  m_must_pass=config.qc.selection == "guarded")
         chosen = apply_selection(choice, probs)
         index = choice.index
     else:

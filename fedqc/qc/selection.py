@@ -50,38 +50,40 @@ def rank_by_pdc(pdc: np.ndarray, phd: np.ndarray) -> np.ndarray:
 
 
 def select_candidate(pdc: np.ndarray, phd: np.ndarray, th_up_phd: float, th_low_pdc: float | None = None,
-                     margin: float | None = None, abstain: bool = False) -> Selection:
-    """Steps 1-5 of the paper's selection for one case, optionally guarded.
+                     margin: float | None = None, m_must_pass: bool = True) -> Selection:
+    """Steps 1-5 of the paper's selection for one case, optionally with M kept by a margin.
 
-    Guarded (``margin`` and ``th_low_pdc`` given): candidate 0, the best-validation model M, is kept
-    while it passes both fences unless another candidate's pDC beats its own by more than
-    ``margin``. A weak QC module ranks near-equal candidates by noise; unguarded, that noise
-    overrode a good M in-distribution (docs/QC.md).
+    With ``margin``, candidate 0 (the best-validation model M) is kept unless another candidate's
+    pDC beats its own by more than ``margin``; only then do the paper's steps choose.
 
-    Abstaining (with the guard): when no candidate passes both fences (``pdc >= th_low`` and
-    ``phd <= th_up``: the case is flagged OoD), M is kept instead of walking a ranking of candidates
-    QC has just judged out of distribution; on those cases the ranking was measured to be noise
-    (docs/RESULTS.md, ``benchmarks/selection_rules.py``).
+    * ``m_must_pass`` (``qc.selection: guarded``): M is kept that way only while it passes both
+      fences (``th_low_pdc`` required); a flagged M goes to the paper's steps.
+    * not ``m_must_pass`` (``qc.selection: margin``, the default): M is kept that way whether or not
+      it passes. On a flagged case every candidate is out of distribution and the ranking among
+      them was measured to be noise (docs/RESULTS.md, ``benchmarks/selection_rules.py``).
+
+    A weak QC module ranks near-equal candidates by noise; without a margin, that noise overrode
+    a good M in-distribution (docs/QC.md).
 
     Args:
         pdc: ``(m,)`` pDC per candidate.
         phd: ``(m,)`` pHD in mm per candidate.
         th_up_phd: the upper pHD fence (Eq. 4).
-        th_low_pdc: the lower pDC fence (Eq. 3), for the guard.
-        margin: pDC margin of the guard; None: the paper's selection.
-        abstain: keep M on a case no candidate passes (guarded selection only).
+        th_low_pdc: the lower pDC fence (Eq. 3), for ``m_must_pass``.
+        margin: pDC margin by which another candidate must beat M; None: the paper's selection.
+        m_must_pass: keep M by the margin only while it passes both fences.
 
     Returns:
         The :class:`Selection`.
     """
     pdc_key, phd_key = _keys(pdc, phd)
     ranking = rank_by_pdc(pdc_key, phd_key)
-    if margin is not None and th_low_pdc is not None:
-        passes = (pdc_key >= th_low_pdc) & (phd_key <= th_up_phd)
-        if abstain and not passes.any():
-            return Selection(index=0)
-        m_passes = pdc_key[0] >= th_low_pdc and phd_key[0] < th_up_phd
-        if m_passes and pdc_key[ranking[0]] - pdc_key[0] <= margin:
+    if margin is not None:
+        if m_must_pass and th_low_pdc is None:
+            raise ValueError("guarded selection needs th_low_pdc")
+        within = pdc_key[0] > -np.inf and pdc_key[ranking[0]] - pdc_key[0] <= margin
+        passes = not m_must_pass or (pdc_key[0] >= th_low_pdc and phd_key[0] < th_up_phd)
+        if within and passes:
             return Selection(index=0)
     for i in ranking:
         if phd_key[i] < th_up_phd:
