@@ -21,11 +21,16 @@ Prints, per view and site, the mean RV Dice (grid) of M and of each rule, and th
 Grid Dice, not the report's original-geometry Dice: close, not identical.
 
     python benchmarks/selection_rules.py --config configs/quickstart.yaml --run runs/v2_s0 --set train.seed=0
+    python benchmarks/selection_rules.py --tally docs/results/qc_signal/*/selection_rules_seed*.md
+
+``--tally`` reads tables this script printed and counts, per rule, the site-views more than 0.01
+below M, the worst one, and the mean difference (all rows, and SA at the shifted centres).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +61,32 @@ def choose(rule: str, pdc: np.ndarray, phd: np.ndarray, th: Thresholds, margin: 
     return select_candidate(pdc, phd, th.th_up_phd, th.th_low_pdc, margin, m_must_pass=rule != "margin")
 
 
+def tally(paths: list[Path], shifted: tuple[str, ...] = ("centre3-ge", "centre4-siemens")) -> None:
+    """Per rule, over the rows of earlier outputs: how often and how far it fell below M."""
+    diffs: dict[str, list[tuple[float, str]]] = {r: [] for r in RULES}
+    on_shifted: dict[str, list[float]] = {r: [] for r in RULES}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cells[0] not in ("SA", "LA") or len(cells) != 4 + 2 * len(RULES):
+                continue
+            for rule, value in zip(RULES, map(float, cells[4 + len(RULES):]), strict=True):
+                diffs[rule].append((value, f"{path.parent.name}/{path.name} {cells[0]} {cells[1]}"))
+                if cells[0] == "SA" and cells[1] in shifted:
+                    on_shifted[rule].append(value)
+    print(f"{len(paths)} tables\n\n| rule | site-views | more than 0.01 below M | worst | mean - M | "
+          "mean - M, SA shifted |\n|---|---|---|---|---|---|")
+    for rule in RULES:
+        values = diffs[rule]
+        worst = min(values)
+        print(f"| {rule} | {len(values)} | {sum(v < -0.01 for v, _ in values)} | {worst[0]:+.3f} ({worst[1]}) | "
+              f"{np.mean([v for v, _ in values]):+.4f} | {np.mean(on_shifted[rule]):+.4f} |")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--tally"]:
+        tally([Path(p) for p in sys.argv[2:]])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--run", type=Path, required=True)
