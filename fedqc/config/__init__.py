@@ -122,7 +122,7 @@ class QCConfig:
     segmenter_examples: bool = False
     # QC-based selection (fedqc.qc.selection): margin (M kept unless another candidate's pDC beats
     # it by more than selection_margin), guarded (the same, only while M passes the fences), or the
-    # paper's. margin: measured best over 4 seeds (docs/QC.md).
+    # paper's. margin: measured best over 6 runs, 48 site-views (docs/QC.md, docs/RESULTS.md).
     selection: Literal["paper", "guarded", "margin"] = "margin"
     selection_margin: float = 0.05
     classes: Literal["rv", "foreground"] = "rv"

@@ -79,7 +79,7 @@ def heart_layers(u: FloatArray, v: FloatArray, w: FloatArray, anatomy: SubjectAn
     length = s.lv_length_mm
     w_mitral = f32(anatomy.mitral_tilt[0]) * u + f32(anatomy.mitral_tilt[1]) * v
     # The RV wraps the septum as it is, thickened (septal_extra, HCM) or not: without the septal
-    # extra here a thick ES septum filled the RV (HCM ES volumes of 1-22 mL; docs/SIMULATOR.md).
+    # extra here a thick ES septum filled the RV (HCM ES volumes of 1-25 mL; docs/SIMULATOR.md).
     epi_mm = ru + s.wall_mm * (1.0 + s.septal_extra)
     au = 0.5 * (epi_mm + s.rv_width_mm - s.rv_inner_mm)
     av = s.rv_reach_mm
