@@ -34,7 +34,7 @@ from fedqc.evaluation.federated_report import _state
 from fedqc.fl import run_state
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 from fedqc.qc.ood import flag_ood
-from fedqc.qc.scoring import reconstruct, score_cases, segment
+from fedqc.qc.scoring import candidate_outputs, reconstruct
 from fedqc.qc.thresholds import Thresholds
 
 RV = 3
@@ -70,9 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, _overrides(args.set))
     device = torch.device("cpu")
-    state = run_state.read_json(args.run / run_state.STATE)
-    final = run_state.load_arrays(args.run / state["weights"])
-    supervised = [run_state.load_arrays(run_state.supervised_checkpoint(args.run, r)) for r in state["candidates"]]
+    run = run_state.load_finished(args.run)
+    state, final, supervised = run.state, run.final, run.supervised
     print(f"run {args.run}: m_best supervised rounds {state['candidates']}\n")
     print("| view | site | flagged cases | rule | kept | disagree | T right | P right | T RV Dice (kept) |"
           " P RV Dice (kept) |")
@@ -85,20 +84,22 @@ def main() -> None:
             test = load_site_split(site, view, config, progress=None).test
             if not test:
                 continue
-            scores = score_cases(models, ae, test, config.qc, device)
-            flagged = [c for c, f in zip(test, flag_ood(scores.pdc, scores.phd, th), strict=True) if f]
             counts = {rule: np.zeros(N_COUNTS) for rule in RULES}
-            with torch.no_grad():
-                for case in flagged:
-                    preds = [segment(m, case.images, device).argmax(1) for m in models]
-                    recons = [reconstruct(ae, p).float().numpy() for p in preds]
-                    pred, target = preds[0].numpy(), recons[0].argmax(1)
-                    for rule, keep in rule_masks(recons).items():
-                        counts[rule] += counts_of(keep, pred, target, case.labels)
+            n_flagged = 0
+            for case in test:  # the predict path's own pass: each candidate's probabilities and pDC / pHD
+                probs, _, pdc, phd = candidate_outputs(models, ae, case, config.qc, device)
+                if not flag_ood(pdc[None], phd[None], th)[0]:
+                    continue
+                n_flagged += 1
+                preds = probs.argmax(2)  # (m, Z, H, W)
+                recons = [reconstruct(ae, torch.as_tensor(p)).float().numpy() for p in preds]  # soft, for confidence
+                pred, target = preds[0], recons[0].argmax(1)
+                for rule, keep in rule_masks(recons).items():
+                    counts[rule] += counts_of(keep, pred, target, case.labels)
             for rule in RULES:
                 kept, total, dis, t_ok, p_ok, t_int, t_rv, p_int, p_rv, y_rv = counts[rule]
-                head = f"| {view} | {site.name} | {len(flagged)}/{len(test)} | {rule} |"
-                if not flagged:
+                head = f"| {view} | {site.name} | {n_flagged}/{len(test)} | {rule} |"
+                if not n_flagged:
                     print(head + " - | - | - | - | - | - |")
                     continue
                 print(head + f" {kept / total:.3f} | {dis / total:.4f} | {_ratio(t_ok, dis)} | {_ratio(p_ok, dis)} |"

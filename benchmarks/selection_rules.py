@@ -45,7 +45,7 @@ from fedqc.fl import run_state
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 from fedqc.qc.metrics import dice
 from fedqc.qc.ood import candidate_passes
-from fedqc.qc.scoring import score_cases, segment
+from fedqc.qc.scoring import candidate_outputs
 from fedqc.qc.selection import Selection, apply_selection, select_candidate
 from fedqc.qc.thresholds import Thresholds
 
@@ -95,9 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, _overrides(args.set))
     device = torch.device("cpu")
-    state = run_state.read_json(args.run / run_state.STATE)
-    final = run_state.load_arrays(args.run / state["weights"])
-    supervised = [run_state.load_arrays(run_state.supervised_checkpoint(args.run, r)) for r in state["candidates"]]
+    run = run_state.load_finished(args.run)
+    state, final, supervised = run.state, run.final, run.supervised
     print(f"run {args.run}: {args.candidates} candidates (supervised rounds {state['candidates']}), "
           f"margin {config.qc.selection_margin}\n")
     print("| view | site | cases | M | " + " | ".join(RULES) + " | " + " | ".join(f"{r} - M" for r in RULES) + " |")
@@ -116,15 +115,13 @@ def main() -> None:
             if not test:
                 continue
             th = Thresholds.from_json(path)
-            scores = score_cases(models, ae, test, config.qc, device)
             per_rule = {r: [] for r in ("M", *RULES)}
-            with torch.no_grad():
-                for i, case in enumerate(test):
-                    probs = torch.stack([segment(m, case.images, device) for m in models]).numpy()
-                    per_rule["M"].append(_rv_dice(probs[0], case.labels))
-                    for rule in RULES:
-                        sel = choose(rule, scores.pdc[i], scores.phd[i], th, config.qc.selection_margin)
-                        per_rule[rule].append(_rv_dice(apply_selection(sel, probs), case.labels))
+            for case in test:  # the predict path's own pass: probabilities and pDC / pHD of each candidate
+                probs, _, pdc, phd = candidate_outputs(models, ae, case, config.qc, device)
+                per_rule["M"].append(_rv_dice(probs[0], case.labels))
+                for rule in RULES:
+                    sel = choose(rule, pdc, phd, th, config.qc.selection_margin)
+                    per_rule[rule].append(_rv_dice(apply_selection(sel, probs), case.labels))
             mean = {r: float(np.mean(v)) for r, v in per_rule.items()}
             print(f"| {view} | {site.name} | {len(test)} | {mean['M']:.3f} | "
                   + " | ".join(f"{mean[r]:.3f}" for r in RULES) + " | "

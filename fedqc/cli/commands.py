@@ -247,11 +247,7 @@ def simulate_command(config_path: Path, run: Path | None, overrides=None, report
     check_fence_sizes(config, federated=True)
     start = time.perf_counter()
     if report_only:
-        state_path = run / run_state.STATE
-        state = run_state.read_json(state_path) if state_path.is_file() else {}
-        if state.get("phase") != "done":
-            raise DataError(state_path, f"is not a finished run (phase {state.get('phase')!r}); --report-only "
-                                        "scores a run that `fedqc simulate` completed")
+        finished = run_state.load_finished(run)
         for name in ("report.md", "report.json"):  # the earlier scoring is kept beside the new one
             if (run / name).is_file():
                 (run / name).replace(run / name.replace("report", "report.previous"))
@@ -264,9 +260,8 @@ def simulate_command(config_path: Path, run: Path | None, overrides=None, report
         run_simulation(simulation, run)
         seconds = time.perf_counter() - start
         print(f"federation finished in {seconds:.0f} s; scoring each site's held-out test subjects")
-    state = run_state.read_json(run / run_state.STATE)
-    supervised = [run_state.load_arrays(run_state.supervised_checkpoint(run, r)) for r in state.get("candidates") or []]
-    table = federated_report(config, run, run_state.load_arrays(run / state["weights"]), supervised)
+        finished = run_state.load_finished(run)
+    table = federated_report(config, run, finished.final, finished.supervised)
     from fedqc.evaluation.figures import round_log_pngs
 
     plots = round_log_pngs(run)

@@ -19,8 +19,12 @@ moment leaves the previous version intact, and state.json always names a complet
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from fedqc.core.errors import DataError
 from fedqc.core.io import (  # noqa: F401
     atomic_write,
     load_arrays,
@@ -68,3 +72,27 @@ def prune_globals(run_dir: Path, keep: Path) -> None:
     for path in (run_dir / CHECKPOINTS).glob("global-*.npz"):
         if path != keep:
             path.unlink()
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """What a finished run leaves for scoring: its state, final global weights and m_best."""
+
+    state: dict
+    final: dict[str, np.ndarray]  # m<i>/seg/<view>/..., ae/<view>/..., ctl/...
+    supervised: list[dict[str, np.ndarray]]  # the m_best supervised global weights, best first
+
+
+def load_finished(run_dir: Path) -> FinishedRun:
+    """The weights of a run the protocol completed (``state.json`` phase ``done``).
+
+    Raises:
+        DataError: naming ``state.json`` when the run is missing or not finished.
+    """
+    path = Path(run_dir) / STATE
+    state = read_json(path) if path.is_file() else {}
+    if state.get("phase") != "done":
+        raise DataError(path, f"is not a finished run (phase {state.get('phase')!r}); "
+                              "only a run that `fedqc simulate` / `fedqc-server` completed can be scored")
+    return FinishedRun(state, load_arrays(Path(run_dir) / state["weights"]),
+                       [load_arrays(supervised_checkpoint(run_dir, r)) for r in state.get("candidates") or []])
