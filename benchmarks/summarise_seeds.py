@@ -8,16 +8,26 @@ Each argument is a run folder of ``fedqc simulate`` (or its ``report.json``), on
 Prints, per view and site, RV Dice of M, {M}+QC, {M+sup}+QC (the compute-matched control) and full,
 then the differences the issue's targets are about (full - {M+sup}+QC, {M}+QC - M), each as mean ± sd
 over the runs with the per-run values; then the flags on the test cases (precision / recall per run)
-and, on flagged cases, the prediction's RV Dice beside that of R's output.
+and, on flagged cases, the prediction's RV Dice beside that of R's output; then the QC calibration
+under M (Spearman of pDC with true RV Dice, AUROC of pDC for RV Dice < 0.8) per site and pooled
+over the shifted (unlabelled) sites of a view.
+
+``--upper-bound`` names, in the same seed order, runs of the same command with every site labelled
+(the upper bound: the shifted sites' labels used), e.g. a copy of configs/quickstart.yaml with
+``labelled: true`` everywhere; it adds the gap closed, (full - M) / (UB - M), with UB the
+upper-bound run's M (the same supervised rounds as M) and its M+sup (as many supervised steps as
+full had: the compute-matched ceiling).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
+
+from fedqc.evaluation.variants import calibration
 
 VARIANTS = ("M", "{M}+QC", "{M+sup}+QC", "full")
 
@@ -41,7 +51,7 @@ def runs_of(values: list[float | None], signed: bool = False) -> str:
     return " / ".join("-" if v is None or math.isnan(v) else fmt.format(v) for v in values)
 
 
-def main(args: list[str]) -> None:
+def main(args: list[str], upper: list[str] | None = None) -> None:
     reports = [load(a) for a in args]
     dice = [{(r["view"], r["site"], r["variant"]): r["rv_dice"] for r in rep["summary"]} for rep in reports]
     keys = sorted({(v, s) for d in dice for v, s, _ in d}, key=lambda k: (k[0] != "SA", k[1]))
@@ -70,7 +80,62 @@ def main(args: list[str]) -> None:
               + f" | {runs_of([r['flagged_recon_rv_dice'] for r in rows])} |")
 
 
+    print("\nQC calibration under M on the test cases (Spearman of pDC with RV Dice; AUROC of pDC for "
+          "RV Dice < 0.8), per run\n")
+    print("| view | sites | cases per run | Spearman | AUROC |")
+    print("|---|---|---|---|---|")
+    for view in sorted({k[0] for k in keys}, key=lambda v: v != "SA"):
+        sites = [s for v, s in keys if v == view]
+        shifted = [s for s in sites if s in _unlabelled(reports[0])]
+        groups = [(s,) for s in sites] + ([tuple(shifted)] if len(shifted) > 1 else [])
+        for group in groups:
+            cal = [calibration([_Case(c) for c in rep["cases"] if c["view"] == view and c["site"] in group])
+                   for rep in reports]
+            name = group[0] if len(group) == 1 else "shifted, pooled: " + ", ".join(group)
+            print(f"| {view} | {name} | {' / '.join(str(c['n']) for c in cal)} | "
+                  f"{runs_of([c.get('spearman_pdc_dice') for c in cal])} | {runs_of([c.get('auroc_pdc') for c in cal])} |")
+    if upper:
+        _gap_closed(dice, [load(a) for a in upper], keys)
+
+
+class _Case:
+    """A report.json case as the attribute record :func:`calibration` reads."""
+
+    def __init__(self, record: dict):
+        self.__dict__.update(record)
+
+
+def _unlabelled(report: dict) -> set[str]:
+    """The unlabelled (shifted) sites: only they record the fences their own pool would give."""
+    return {s["site"] for s in report["qc_signal"] if s.get("own_pool") is not None}
+
+
+def _gap_closed(dice: list[dict], upper_reports: list[dict], keys) -> None:
+    if len(upper_reports) != len(dice):
+        raise SystemExit(f"--upper-bound: {len(upper_reports)} runs for {len(dice)} seeds")
+    ub = [{(r["view"], r["site"], r["variant"]): r["rv_dice"] for r in rep["summary"]} for rep in upper_reports]
+    print("\nGap closed, (full - M) / (UB - M), per run; UB: the run with every site labelled\n")
+    print("| view | site | M | full | UB (its M) | gap closed | per run | UB (its M+sup) | gap closed | per run |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for view, site in keys:
+        if any((view, site, "M+sup") not in u for u in ub):
+            continue
+        row = [f"| {view} | {site} | {mean_sd([d[(view, site, 'M')] for d in dice])} | "
+               f"{mean_sd([d[(view, site, 'full')] for d in dice])}"]
+        for ub_variant in ("M", "M+sup"):
+            gaps = [(d[(view, site, "full")] - d[(view, site, "M")]) / (u[(view, site, ub_variant)] - d[(view, site, "M")])
+                    if u[(view, site, ub_variant)] > d[(view, site, "M")] else float("nan") for d, u in zip(dice, ub)]
+            mean_gap = [statistics.mean([d[(view, site, "full")] - d[(view, site, "M")] for d in dice])
+                        / statistics.mean([u[(view, site, ub_variant)] - d[(view, site, "M")] for d, u in zip(dice, ub)])]
+            row.append(f" | {mean_sd([u[(view, site, ub_variant)] for u in ub])} | {100 * mean_gap[0]:.0f} % | "
+                       + " / ".join("-" if math.isnan(g) else f"{100 * g:.0f} %" for g in gaps))
+        print("".join(row) + " |")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders of fedqc simulate (or their report.json), one per seed")
+    parser.add_argument("--upper-bound", nargs="+", default=None, metavar="RUN",
+                        help="runs with every site labelled, in the same seed order")
+    ns = parser.parse_args()
+    main(ns.runs, ns.upper_bound)

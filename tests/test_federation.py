@@ -51,6 +51,13 @@ def test_simulated_federation_every_phase_report_and_privacy(tiny_data, tmp_path
     assert main(["simulate", "--config", str(config), "--out", str(run)]) == 0
     report = (run / "report.md").read_text()
     assert "centre2" in report and "full" in report and "{M}+QC" in report
+    # The QC signal carries the calibration under M, computed from the same test cases it lists.
+    assert "Spearman pDC-Dice" in report and "AUROC pDC" in report
+    scored = json.loads((run / "report.json").read_text())
+    for signal in scored["qc_signal"]:
+        cases = [c for c in scored["cases"] if (c["site"], c["view"], c["variant"]) ==
+                 (signal["site"], signal["view"], "M")]
+        assert signal["calibration"]["n"] == len(cases) == signal["flags"]["n"]
     assert {p.name for p in (run / "plots").glob("*.png")} == {"global_val_dice.png", "flagged_per_site.png",
                                                                "alpha.png"}
     phases = [row["phase"] for row in json.loads((run / "log.json").read_text())]

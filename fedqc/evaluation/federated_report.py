@@ -85,17 +85,20 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
     qc_table = format_table(
         ["view", "site", "fences", "flagged / cases", "bad (Dice<0.8)", "precision", "recall",
          "own-pool fences: flagged", "own-pool precision", "own-pool recall", "flagged: prediction RV Dice",
-         "flagged: R output RV Dice"],
+         "flagged: R output RV Dice", "Spearman pDC-Dice", "AUROC pDC"],
         [[s["view"], s["site"], s["fences"], f"{s['flags']['n_flagged']}/{s['flags']['n']}", s["flags"]["n_bad"],
           _fmt(s["flags"]["precision"]), _fmt(s["flags"]["recall"]),
           "-" if s["own_pool"] is None else f"{s['own_pool']['n_flagged']}/{s['own_pool']['n']}",
           _fmt(s["own_pool"] and s["own_pool"]["precision"]), _fmt(s["own_pool"] and s["own_pool"]["recall"]),
-          _fmt(s["flagged_pred_rv_dice"]), _fmt(s["flagged_recon_rv_dice"])] for s in signal])
+          _fmt(s["flagged_pred_rv_dice"]), _fmt(s["flagged_recon_rv_dice"]),
+          _fmt(s["calibration"].get("spearman_pdc_dice")), _fmt(s["calibration"].get("auroc_pdc"))] for s in signal])
     gains = _gains(rows)
     text = ("# fedqc federated run: per-site ablation on held-out test subjects\n\n" + table +
             "\n\n## The QC signal on the held-out test cases\n\nFlags of the m_best supervised candidates under "
             "the fences each site used (bad: true RV Dice of M below 0.8), beside the fences its own pool would "
-            "give; on flagged cases, the prediction's RV Dice against that of R's output of it (network grid).\n\n"
+            "give; on flagged cases, the prediction's RV Dice against that of R's output of it (network grid); "
+            "under M, the Spearman correlation of pDC with true RV Dice and the AUROC of pDC for bad cases "
+            "('-' where the site's test cases are all good or all bad).\n\n"
             + qc_table + "\n")
     if gains:
         text += ("\n## Gain over the compute-matched control\n\n`{M+sup}+QC`: the same candidates given "
@@ -148,7 +151,7 @@ def _fmt(value) -> str:
 
 def _qc_signal(config, site, view, cases, site_records, sup, ae, fences, own_pool_path, device) -> dict:
     """Flag quality under the fences used and under the site's own-pool fences; pseudo-label quality."""
-    from fedqc.evaluation.variants import flag_quality
+    from fedqc.evaluation.variants import calibration, flag_quality
     from fedqc.qc.ood import flag_ood
     from fedqc.qc.scoring import score_cases
     from fedqc.qc.thresholds import Thresholds
@@ -165,7 +168,8 @@ def _qc_signal(config, site, view, cases, site_records, sup, ae, fences, own_poo
     return {"view": view, "site": site, "fences": fences.source, "th_low_pdc": fences.th_low_pdc,
             "th_up_phd": fences.th_up_phd, "flags": flag_quality(flags, true_dice), "own_pool": own,
             "flagged_pred_rv_dice": mean([r.pred_rv_dice_grid for r in flagged]),
-            "flagged_recon_rv_dice": mean([r.recon_rv_dice_grid for r in flagged])}
+            "flagged_recon_rv_dice": mean([r.recon_rv_dice_grid for r in flagged]),
+            "calibration": calibration(by_variant["M"], "M")}
 
 
 def _gains(rows: Sequence[Mapping]) -> list[list]:
