@@ -125,6 +125,10 @@ class QCConfig:
     # paper's. margin: measured best over 6 runs, 48 site-views (docs/QC.md, docs/RESULTS.md).
     selection: Literal["paper", "guarded", "margin"] = "margin"
     selection_margin: float = 0.05
+    # Post-DAE as a last resort: where the selected candidate's pDC is below this floor, R's
+    # reconstruction of it is the output (Larrazabal et al.'s post-processing, on those cases only).
+    # 0: off (the default; measured: it rescues a segmenter that failed, costs a good one; docs/QC.md).
+    reconstruction_floor: float = 0.0
     classes: Literal["rv", "foreground"] = "rv"
     hausdorff: Literal["max", "p95"] = "max"
     tukey_factor: float = 1.5
@@ -140,6 +144,8 @@ class QCConfig:
             object.__setattr__(self, "threshold_source", "consortium")
         if not self.selection_margin >= 0:
             raise ValueError("qc.selection_margin must be >= 0")
+        if not 0 <= self.reconstruction_floor <= 1:
+            raise ValueError("qc.reconstruction_floor must be in [0, 1] (a pDC; 0 turns it off)")
 
 
 @dataclass(frozen=True)

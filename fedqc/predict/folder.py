@@ -108,7 +108,7 @@ def choose_thresholds(config: Config, run: Path, view: View, models, ae, prepare
 def _row(case: Case, thresholds: Thresholds | None, **values) -> dict:
     """One qc.csv row; every row has every column (a failed case's metrics are empty)."""
     row = {"case_id": case.case_id, "subject": case.subject, "view": case.view, "phase": case.phase,
-           "pdc": "", "phd_mm": "", "ood": "", "selected": "", "pdc_candidates": "", "phd_candidates": "",
+           "pdc": "", "phd_mm": "", "ood": "", "selected": "", "output": "", "pdc_candidates": "", "phd_candidates": "",
            "th_low_pdc": "" if thresholds is None else round(thresholds.th_low_pdc, 5),
            "th_up_phd": "" if thresholds is None else round(thresholds.th_up_phd, 4), "dice": "", "error": ""}
     row.update(values)
@@ -167,6 +167,7 @@ def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.n
         rows[case.case_id] = _row(
             case, thresholds, pdc=round(result.pdc_selected, 5), phd_mm=round(result.phd_selected, 4),
             ood=result.ood, selected="fallback" if result.selected is None else result.selected,
+            output="reconstruction" if result.reconstructed else "candidate",
             pdc_candidates=" ".join(f"{v:.4f}" for v in result.pdc),
             phd_candidates=" ".join(f"{v:.3f}" for v in result.phd),
             dice=foreground_dice(labels, case, image) if with_dice else "")
