@@ -213,42 +213,45 @@ def test_the_federated_report_adds_each_peer_at_the_shifted_site_on_its_own_pool
     assert cost["site"] == "centre2" and all(cost[p]["applied"] for p in ("AdaBN", "TENT", "DAE-TTA"))
 
 
-def test_the_reconstruction_floor_outputs_post_daes_segmentation_below_it_only(tiny_data, tmp_path):
-    """qc.reconstruction_floor: a selection whose pDC is below it is replaced by R's reconstruction."""
+def test_the_reconstruction_floor_switches_a_failing_site_to_post_dae(trained):
+    """qc.reconstruction_floor: a site whose median selection pDC is below it outputs R's reconstructions."""
     import dataclasses
 
-    import yaml
-
-    from fedqc.config import load_config
     from fedqc.data.site import load_site_split
-    from fedqc.models.factory import new_autoencoder, new_segmenter
-    from fedqc.predict.case import predict_case
+    from fedqc.evaluation.variants import score_site_variants
+    from fedqc.models.run_folder import load_autoencoder, load_candidates, load_run_config
+    from fedqc.predict.case import predict_case, site_reconstructs
     from fedqc.qc.thresholds import Thresholds
-    from tests.conftest import tiny_config_dict
 
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_data, views=["SA"])))
-    config = load_config(path)
-    torch.manual_seed(0)
-    models = [new_segmenter(config).eval() for _ in range(2)]
-    ae = new_autoencoder(config).eval()
-    case = load_site_split(config.sites[0], "SA", config, progress=None).train[0]
+    _, run = trained
+    config = load_run_config(run)
+    models = load_candidates(run, "SA", "supervised", config, CPU)
+    ae = load_autoencoder(run, "SA", config, CPU)
     fences = Thresholds(th_low_pdc=0.5, th_up_phd=50.0, q1_pdc=0.6, q3_pdc=0.9, q1_phd=5.0, q3_phd=20.0,
                         factor=1.5, n_cases=4, source="test")
-    off = predict_case(config, models, ae, case, fences, CPU)
-    assert not off.reconstructed and off.selected is not None and off.pdc_selected < 1.0
+    cases = load_site_split(config.sites[1], "SA", config, progress=None).test
+    off = [predict_case(config, models, ae, c, fences, CPU) for c in cases]
+    median = float(np.median([r.pdc_selected for r in off]))
+    assert not any(r.reconstructed for r in off) and 0 < median < 1
 
     def with_floor(floor: float):
         return dataclasses.replace(config, qc=dataclasses.replace(config.qc, reconstruction_floor=floor))
 
-    on = predict_case(with_floor(1.0), models, ae, case, fences, CPU)
-    assert on.reconstructed and on.selected == off.selected
+    assert not site_reconstructs(config, models, ae, cases, fences, CPU)  # 0: off
+    assert not site_reconstructs(with_floor(median), models, ae, cases, fences, CPU)  # not below
+    assert site_reconstructs(with_floor(min(1.0, median + 1e-6)), models, ae, cases, fences, CPU)
+    on = predict_case(config, models, ae, cases[0], fences, CPU, reconstruct=True)
+    assert on.reconstructed and on.selected == off[0].selected
     # The output is R's softmax of the selected prediction: its labels are R's reconstruction of it.
-    np.testing.assert_array_equal(on.labels, off.reconstruction)
-    assert not np.array_equal(on.labels, off.labels)
+    np.testing.assert_array_equal(on.labels, off[0].reconstruction)
+    assert not np.array_equal(on.labels, off[0].labels)
     np.testing.assert_allclose(on.probs.sum(1), 1.0, atol=1e-5)
-    at = predict_case(with_floor(off.pdc_selected), models, ae, case, fences, CPU)  # not below: kept
-    assert not at.reconstructed and np.array_equal(at.probs, off.probs)
-    assert not predict_case(with_floor(1.0), models, ae, case, fences, CPU, selection=False).reconstructed
+    assert not predict_case(config, models, ae, cases[0], fences, CPU, selection=False, reconstruct=True).reconstructed
+    # The report's and the ablation's scoring: only the selecting variants switch, and all of the site.
+    variants = {"M": (models[:1], False), "{M}+QC": (models, True)}
+    plain = score_site_variants(config, "centre1", cases, variants, ae, fences, CPU)
+    switched = score_site_variants(with_floor(1.0), "centre1", cases, variants, ae, fences, CPU)
+    assert [r.rv_dice for r in plain if r.variant == "M"] == [r.rv_dice for r in switched if r.variant == "M"]
+    assert [r.rv_dice for r in plain if r.variant == "{M}+QC"] != [r.rv_dice for r in switched if r.variant == "{M}+QC"]
     with pytest.raises(ValueError, match="reconstruction_floor"):
         dataclasses.replace(config.qc, reconstruction_floor=1.5)

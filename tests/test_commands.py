@@ -53,6 +53,7 @@ def test_predict_and_evaluate(trained, tiny_data, tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == 64
     assert {"pdc", "phd_mm", "ood", "selected"} <= set(rows[0])
+    assert {r["output"] for r in rows} == {"candidate"}  # qc.reconstruction_floor is off by default
     flagged = [r for r in rows if r["ood"] == "True"]
     assert len(list((out / "overlays").glob("*.png"))) == len(flagged)
     report = tmp_path / "eval.json"

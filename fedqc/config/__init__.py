@@ -125,9 +125,9 @@ class QCConfig:
     # paper's. margin: measured best over 6 runs, 48 site-views (docs/QC.md, docs/RESULTS.md).
     selection: Literal["paper", "guarded", "margin"] = "margin"
     selection_margin: float = 0.05
-    # Post-DAE as a last resort: where the selected candidate's pDC is below this floor, R's
-    # reconstruction of it is the output (Larrazabal et al.'s post-processing, on those cases only).
-    # 0: off (the default; measured: it rescues a segmenter that failed, costs a good one; docs/QC.md).
+    # Post-DAE as a last resort, per site: where the median pDC of the selection over a site's cases
+    # is below this floor (the segmenter has failed there), R's reconstruction of each selection is
+    # the output (Larrazabal et al.'s post-processing). 0: off (docs/QC.md).
     reconstruction_floor: float = 0.0
     classes: Literal["rv", "foreground"] = "rv"
     hausdorff: Literal["max", "p95"] = "max"

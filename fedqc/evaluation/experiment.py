@@ -28,6 +28,7 @@ from fedqc.evaluation.variants import (
     calibration,
     flag_quality,
     score_case_variants,
+    score_site_variants,
     summarise_variants,
 )
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
@@ -73,11 +74,10 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
         records, fence_eval = [], {}
         for split in splits:
             th = chosen.get(split.site, th_val)
-            for case in split.test:
-                records += score_case_variants(config, split.site, case, {
-                    "M": (models[:1], False), "{M}+QC": (models, True), "M+sup": (control[:1], False),
-                    "{M+sup}+QC": (control, True), "full": (refined, True),
-                    **{name: ([a.model], False) for name, a in peers.get(split.site, {}).items()}}, ae, th, device)
+            records += score_site_variants(config, split.site, split.test, {
+                "M": (models[:1], False), "{M}+QC": (models, True), "M+sup": (control[:1], False),
+                "{M+sup}+QC": (control, True), "full": (refined, True),
+                **{name: ([a.model], False) for name, a in peers.get(split.site, {}).items()}}, ae, th, device)
             if split.site in th_own and split.test:
                 true_dice = np.array([r.rv_dice for r in records if r.site == split.site and r.variant == "M"])
                 scores = score_cases(models, ae, split.test, config.qc, device)
@@ -100,9 +100,7 @@ def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, up
             trefined, tlog = refine(config, models, ae, tests, tchosen, train, device)
             trec = []
             for site, cases in tests.items():
-                for case in cases:
-                    trec += score_case_variants(config, site, case, {"full": (trefined, True)}, ae, tchosen[site],
-                                                device)
+                trec += score_site_variants(config, site, cases, {"full": (trefined, True)}, ae, tchosen[site], device)
             entry["transductive"] = {"summary": summarise_variants(trec), "refine_log": tlog.__dict__}
         if upper_bound:
             all_labelled = dataclasses.replace(config, sites=tuple(dataclasses.replace(s, labelled=True)

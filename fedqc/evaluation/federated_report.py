@@ -36,7 +36,7 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
     from fedqc.core.io import write_json
     from fedqc.core.table import format_table
     from fedqc.data.site import load_site_split
-    from fedqc.evaluation.variants import score_case_variants, summarise_variants
+    from fedqc.evaluation.variants import score_site_variants, summarise_variants
     from fedqc.qc.thresholds import Thresholds
 
     device = select_device(config.train.device)
@@ -66,9 +66,7 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
                 variants.update({name: ([a.model], False) for name, a in peers.items()})
                 adapt_cost.append({"view": view, "site": site.name, **{
                     name: {"seconds": a.seconds, "applied": a.applied, "note": a.note} for name, a in peers.items()}})
-            site_records = []
-            for case in split.test:
-                site_records += score_case_variants(config, site.name, case, variants, ae, th, device)
+            site_records = score_site_variants(config, site.name, split.test, variants, ae, th, device)
             records += site_records
             if split.test:
                 signal.append(_qc_signal(config, site.name, view, split.test, site_records, sup, ae, th,

@@ -25,7 +25,7 @@ from fedqc.data.nifti import load_image, load_label
 from fedqc.data.preprocess import restore_probabilities
 from fedqc.data.site import PreparedCase
 from fedqc.evaluation.evaluate import score_labels
-from fedqc.predict.case import predict_case
+from fedqc.predict.case import predict_case, site_reconstructs
 from fedqc.predict.postprocess import largest_component_per_structure
 from fedqc.qc.metrics import dice as dice_fn
 from fedqc.qc.thresholds import Thresholds
@@ -61,13 +61,15 @@ class CaseRecord:
 def score_case_variants(config: Config, site: str, case: PreparedCase,
                         candidates: Mapping[str, tuple[Sequence[torch.nn.Module], bool]],
                         autoencoder: torch.nn.Module, thresholds: Thresholds,
-                        device: torch.device) -> list[CaseRecord]:
-    """Score one labelled case under each variant (name -> (models, use QC selection))."""
+                        device: torch.device, reconstructing: frozenset[str] = frozenset()) -> list[CaseRecord]:
+    """Score one labelled case under each variant (name -> (models, use QC selection)); the variants
+    in ``reconstructing`` output R's reconstruction of their selection (:func:`score_site_variants`)."""
     image = load_image(case.case.image)
     ref = load_label(case.case.label, image)
     records = []
     for variant, (models, selection) in candidates.items():
-        result = predict_case(config, models, autoencoder, case, thresholds, device, selection=selection)
+        result = predict_case(config, models, autoencoder, case, thresholds, device, selection=selection,
+                              reconstruct=variant in reconstructing)
         labels = restore_probabilities(result.probs, case.geometry)
         dice, hd = score_labels(labels, ref, image.spacing_mm)
         dice_l, hd_l = score_labels(largest_component_per_structure(labels), ref, image.spacing_mm)
@@ -80,6 +82,19 @@ def score_case_variants(config: Config, site: str, case: PreparedCase,
                                   dice_l["RV"], hd_l["RV"], result.pdc_selected, result.phd_selected, result.ood,
                                   **grid))
     return records
+
+
+def score_site_variants(config: Config, site: str, cases: Sequence[PreparedCase],
+                        candidates: Mapping[str, tuple[Sequence[torch.nn.Module], bool]],
+                        autoencoder: torch.nn.Module, thresholds: Thresholds,
+                        device: torch.device) -> list[CaseRecord]:
+    """:func:`score_case_variants` over a site's cases, each selecting variant under the site's own
+    ``qc.reconstruction_floor`` decision on these cases (:func:`fedqc.predict.case.site_reconstructs`)."""
+    reconstructing = frozenset(
+        variant for variant, (models, selection) in candidates.items()
+        if selection and site_reconstructs(config, models, autoencoder, cases, thresholds, device))
+    return [record for case in cases for record in score_case_variants(
+        config, site, case, candidates, autoencoder, thresholds, device, reconstructing)]
 
 
 def summarise_variants(records: Sequence[CaseRecord]) -> list[dict]:

@@ -11,7 +11,8 @@ import torch
 from fedqc.config import Config
 from fedqc.data.site import PreparedCase
 from fedqc.qc.ood import flag_ood
-from fedqc.qc.scoring import candidate_outputs, reconstruct
+from fedqc.qc.scoring import candidate_outputs
+from fedqc.qc.scoring import reconstruct as reconstruct_labels
 from fedqc.qc.selection import apply_selection, select_candidate
 from fedqc.qc.thresholds import Thresholds
 
@@ -29,17 +30,17 @@ class CasePrediction:
     selected: int | None  # candidate index, None for the fallback average
     pdc_selected: float
     phd_selected: float
-    # The output is R's reconstruction of the selection (its pDC below qc.reconstruction_floor).
+    # The output is R's reconstruction of the selection (the site's qc.reconstruction_floor decision).
     reconstructed: bool = False
 
 
 def predict_case(config: Config, models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
                  case: PreparedCase, thresholds: Thresholds, device: torch.device,
-                 selection: bool = True) -> CasePrediction:
+                 selection: bool = True, reconstruct: bool = False) -> CasePrediction:
     """Sec. 2.3 steps 1-5 on one case (``selection=False``: the first candidate, i.e. M).
 
-    With ``qc.reconstruction_floor`` > 0 and selection on, a selection whose pDC is below the floor
-    is replaced by R's reconstruction of it (R's softmax, as Post-DAE outputs it).
+    ``reconstruct`` (with selection on; the site's decision, :func:`site_reconstructs`): the output
+    is R's reconstruction of the selection (R's softmax, as Post-DAE outputs it).
     """
     probs, recons, pdc, phd = candidate_outputs(models, autoencoder, case, config.qc, device)
     ood = bool(flag_ood(pdc[None], phd[None], thresholds)[0])
@@ -57,9 +58,26 @@ def predict_case(config: Config, models: Sequence[torch.nn.Module], autoencoder:
         pdc_sel, phd_sel = float(max(pdc[i], pdc[j])), float(min(phd[i], phd[j]))
     else:
         pdc_sel, phd_sel = float(pdc[index]), float(phd[index])
-    reconstructed = selection and pdc_sel < config.qc.reconstruction_floor
+    reconstructed = selection and reconstruct
     if reconstructed:  # Post-DAE on this case: R's softmax of the selection's labels
-        chosen = reconstruct(autoencoder, torch.as_tensor(chosen.argmax(1), device=device)).cpu().numpy()
+        chosen = reconstruct_labels(autoencoder, torch.as_tensor(chosen.argmax(1), device=device)).cpu().numpy()
     return CasePrediction(probs=chosen, labels=chosen.argmax(1).astype(np.uint8), reconstruction=recons[ref],
                           pdc=pdc, phd=phd, ood=ood, selected=index, pdc_selected=pdc_sel, phd_selected=phd_sel,
                           reconstructed=reconstructed)
+
+
+def site_reconstructs(config: Config, models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
+                      cases: Sequence[PreparedCase], thresholds: Thresholds, device: torch.device) -> bool:
+    """Whether a site's output is R's reconstruction (``qc.reconstruction_floor``): the median pDC of
+    the selection over ``cases`` (the site's cases being predicted, no label read) is below the floor.
+
+    A site-level switch to Post-DAE for when the segmenter has failed at the site: measured per case,
+    the same floor also replaced good predictions that R reconstructed badly; per site, it moved only
+    the site-views whose segmenter had failed (docs/QC.md, ``benchmarks/reconstruction_floor.py``).
+    Off (False, nothing scored) at floor 0, the default.
+    """
+    floor = config.qc.reconstruction_floor
+    if floor <= 0 or not cases:
+        return False
+    pdc = [predict_case(config, models, autoencoder, case, thresholds, device).pdc_selected for case in cases]
+    return bool(np.median(pdc) < floor)

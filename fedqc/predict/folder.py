@@ -40,7 +40,7 @@ from fedqc.models.run_folder import (
     thresholds_path,
     training_id,
 )
-from fedqc.predict.case import predict_case
+from fedqc.predict.case import predict_case, site_reconstructs
 from fedqc.predict.overlay import overlay_png
 from fedqc.predict.postprocess import largest_component_per_structure
 from fedqc.qc.fences import choose_fences, fit_fences
@@ -147,9 +147,11 @@ def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.n
             rows[case.case_id] = _row(case, thresholds, error=str(exc))
     if prepared and thresholds is None:
         thresholds = choose_thresholds(config, run, cases[0].view, models, ae, [p for _, p in prepared], device)
+    reconstruct = selection and site_reconstructs(config, models, ae, [p for _, p in prepared], thresholds, device)
     for i, (case, item) in enumerate(prepared):
         try:
-            result = predict_case(config, models, ae, item, thresholds, device, selection=selection)
+            result = predict_case(config, models, ae, item, thresholds, device, selection=selection,
+                                  reconstruct=reconstruct)
             labels = restore_probabilities(result.probs, item.geometry)
             if config.refine.largest_component:
                 labels = largest_component_per_structure(labels)
