@@ -27,7 +27,7 @@ import math
 import statistics
 from pathlib import Path
 
-from fedqc.evaluation.variants import calibration
+from fedqc.evaluation.variants import PEERS, calibration
 
 VARIANTS = ("M", "{M}+QC", "{M+sup}+QC", "full")
 
@@ -94,9 +94,32 @@ def main(args: list[str], upper: list[str] | None = None) -> None:
             name = group[0] if len(group) == 1 else "shifted, pooled: " + ", ".join(group)
             print(f"| {view} | {name} | {' / '.join(str(c['n']) for c in cal)} | "
                   f"{runs_of([c.get('spearman_pdc_dice') for c in cal])} | {runs_of([c.get('auroc_pdc') for c in cal])} |")
+    _peers_table(reports, dice, keys)
     if upper:
         shifted = _unlabelled(reports[0])
         _gap_closed(dice, [load(a) for a in upper], [(v, s) for v, s in keys if s in shifted])
+
+
+def _peers_table(reports: list[dict], dice: list[dict], keys) -> None:
+    """The label-free peers a site ran alone (``adapt.peers``), beside full, where the reports hold them."""
+    peers = [p for p in PEERS if any(v == p for d in dice for _, _, v in d)]
+    if not peers:
+        return
+    print("\nThe label-free peers at each shifted site (adapted from M on its own pool), RV Dice, mean ± sd; "
+          "full - peer per run\n")
+    print("| view | site | full | " + " | ".join(peers) + " | " + " | ".join(f"full - {p}" for p in peers) + " |")
+    print("|---|---|---|" + "---|" * (2 * len(peers)))
+    applied = {(a["view"], a["site"], p): a[p]["applied"] for rep in reports for a in rep.get("adapt", []) for p in peers
+               if p in a}
+    for view, site in keys:
+        if not any((view, site, p) in d for d in dice for p in peers):
+            continue
+        cells = [mean_sd([d.get((view, site, p)) for d in dice])
+                 + ("" if applied.get((view, site, p), True) else " (not applied)") for p in peers]
+        gaps = [runs_of([d[(view, site, "full")] - d[(view, site, p)] for d in dice if (view, site, p) in d], True)
+                for p in peers]
+        print(f"| {view} | {site} | {mean_sd([d[(view, site, 'full')] for d in dice])} | " + " | ".join(cells)
+              + " | " + " | ".join(gaps) + " |")
 
 
 class _Case:
