@@ -27,6 +27,7 @@ import math
 import statistics
 from pathlib import Path
 
+from fedqc.evaluation.peers_report import paired_test
 from fedqc.evaluation.variants import PEERS, calibration
 
 VARIANTS = ("M", "{M}+QC", "{M+sup}+QC", "full")
@@ -120,6 +121,26 @@ def _peers_table(reports: list[dict], dice: list[dict], keys) -> None:
                 for p in peers]
         print(f"| {view} | {site} | {mean_sd([d[(view, site, 'full')] for d in dice])} | " + " | ".join(cells)
               + " | " + " | ".join(gaps) + " |")
+    print("\nfull against the strongest applied peer, Wilcoxon signed-rank over cases (each case's RV Dice "
+          "averaged over the runs whose split held it)\n")
+    print("| view | site | strongest peer | cases | median full - peer | p (two-sided) |")
+    print("|---|---|---|---|---|---|")
+    for view, site in keys:
+        present = [p for p in peers if all((view, site, p) in d for d in dice) and applied.get((view, site, p), True)]
+        if not present:
+            continue
+        best = max(present, key=lambda p: statistics.mean(d[(view, site, p)] for d in dice))
+        t = paired_test(_case_dice(reports, view, site, "full"), _case_dice(reports, view, site, best))
+        print(f"| {view} | {site} | {best} | {t['n']} | {t['median_diff']:+.3f} | {t['p_two_sided']:.2g} |")
+
+
+def _case_dice(reports: list[dict], view: str, site: str, variant: str) -> dict[str, float]:
+    by: dict[str, list[float]] = {}
+    for rep in reports:
+        for c in rep["cases"]:
+            if (c["view"], c["site"], c["variant"]) == (view, site, variant):
+                by.setdefault(c["case_id"], []).append(c["rv_dice"])
+    return {k: statistics.mean(v) for k, v in by.items()}
 
 
 class _Case:
