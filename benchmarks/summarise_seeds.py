@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 from fedqc.evaluation.peers_report import paired_test
-from fedqc.evaluation.variants import PEERS, calibration
+from fedqc.evaluation.variants import PEERS, PEERS_ON_FULL, calibration
 
 VARIANTS = ("M", "{M}+QC", "{M+sup}+QC", "full")
 
@@ -103,7 +103,7 @@ def main(args: list[str], upper: list[str] | None = None) -> None:
 
 def _peers_table(reports: list[dict], dice: list[dict], keys) -> None:
     """The label-free peers a site ran alone (``adapt.peers``), beside full, where the reports hold them."""
-    peers = [p for p in PEERS if any(v == p for d in dice for _, _, v in d)]
+    peers = [p for p in PEERS + PEERS_ON_FULL if any(v == p for d in dice for _, _, v in d)]
     if not peers:
         return
     print("\nThe label-free peers at each shifted site (adapted from M on its own pool), RV Dice, mean ± sd; "

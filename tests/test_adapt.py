@@ -211,6 +211,12 @@ def test_the_federated_report_adds_each_peer_at_the_shifted_site_on_its_own_pool
     assert not any(v in {"AdaBN", "TENT", "Post-DAE", "DAE-TTA"} for s, v in variants if s == "centre1")
     (cost,) = report["adapt"]
     assert cost["site"] == "centre2" and all(cost[p]["applied"] for p in ("AdaBN", "TENT", "DAE-TTA"))
+    # Each peer also runs on top of full's refined model; here that model is M itself (the same
+    # weights), so the deterministic peers on it score exactly as on M.
+    assert {("centre2", f"full+{p}") for p in ("AdaBN", "TENT", "Post-DAE", "DAE-TTA")} <= variants
+    dice = {(r["site"], r["variant"]): r["rv_dice"] for r in report["summary"]}
+    for peer in ("AdaBN", "Post-DAE"):
+        assert dice[("centre2", f"full+{peer}")] == dice[("centre2", peer)]
 
 
 def test_the_reconstruction_floor_switches_a_failing_site_to_post_dae(trained):

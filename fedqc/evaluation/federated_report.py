@@ -63,6 +63,9 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
                 from fedqc.adapt.peers import adapt_peers
 
                 peers = adapt_peers(config, sup[0], ae, split.pool, device, config.train.seed)
+                # ... and on top of the consortium's refined model: does combining them help?
+                peers.update({f"full+{name}": a for name, a in
+                              adapt_peers(config, refined[0], ae, split.pool, device, config.train.seed).items()})
                 variants.update({name: ([a.model], False) for name, a in peers.items()})
                 adapt_cost.append({"view": view, "site": site.name, **{
                     name: {"seconds": a.seconds, "applied": a.applied, "note": a.note} for name, a in peers.items()}})

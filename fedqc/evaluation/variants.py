@@ -35,6 +35,9 @@ from fedqc.qc.thresholds import Thresholds
 VARIANTS = ("M", "{M}+QC", "M+sup", "{M+sup}+QC", "full")
 # The label-free peers (fedqc.adapt), present when the config lists them (adapt.peers).
 PEERS = tuple(PEER_VARIANTS.values())
+# Each peer on top of full's first refined candidate (the federated report: a site adapting the
+# consortium's refined model further on its own pool), to measure whether combining them helps.
+PEERS_ON_FULL = tuple(f"full+{p}" for p in PEERS)
 BAD_DICE = 0.8
 
 
@@ -102,7 +105,7 @@ def summarise_variants(records: Sequence[CaseRecord]) -> list[dict]:
     rows = []
     keys = sorted({(r.site, r.view) for r in records})
     for site, view in keys:
-        for variant in VARIANTS + PEERS:
+        for variant in VARIANTS + PEERS + PEERS_ON_FULL:
             sel = [r for r in records if r.site == site and r.view == view and r.variant == variant]
             if not sel:
                 continue
