@@ -150,6 +150,30 @@ def _case_dice(reports: list[dict], view: str, site: str, variant: str) -> dict[
     return {k: statistics.mean(v) for k, v in by.items()}
 
 
+def _centralised(runs: list[str], seeds: list[str]) -> None:
+    """Federated against centralised (``fedqc ablation`` on the same config and seed: the same split)."""
+    if len(runs) != len(seeds):
+        raise SystemExit(f"--centralised: {len(seeds)} files for {len(runs)} runs")
+    fed = [{(r["view"], r["site"], r["variant"]): r["rv_dice"] for r in load(a)["summary"]} for a in runs]
+    cen = [{(r["view"], r["site"], r["variant"]): r["rv_dice"] for r in json.loads(Path(f).read_text())["summary"]}
+           for f in seeds]
+    ub = [{(r["view"], r["site"]): r["rv_dice"] for r in json.loads(Path(f).read_text()).get("upper_bound", [])}
+          for f in seeds]
+    print("\nFederated against centralised on the same split, RV Dice, mean ± sd; federated - centralised per run\n")
+    print("| view | site | variant | federated | centralised | federated - centralised | per run |")
+    print("|---|---|---|---|---|---|---|")
+    keys = sorted({(v, s) for c in cen for v, s, _ in c}, key=lambda k: (k[0] != "SA", k[1]))
+    for view, site in keys:
+        for variant in ("M", "{M+sup}+QC", "full"):
+            if not all((view, site, variant) in d for d in fed + cen):
+                continue
+            diff = [f[(view, site, variant)] - c[(view, site, variant)] for f, c in zip(fed, cen)]
+            print(f"| {view} | {site} | {variant} | {mean_sd([f[(view, site, variant)] for f in fed])} | "
+                  f"{mean_sd([c[(view, site, variant)] for c in cen])} | {mean_sd(diff)} | {runs_of(diff, True)} |")
+        if all((view, site) in u for u in ub):
+            print(f"| {view} | {site} | upper bound (centralised) | - | {mean_sd([u[(view, site)] for u in ub])} | - | - |")
+
+
 class _Case:
     """A report.json case as the attribute record :func:`calibration` reads."""
 
@@ -190,5 +214,9 @@ if __name__ == "__main__":
     parser.add_argument("runs", nargs="+", help="run folders of fedqc simulate (or their report.json), one per seed")
     parser.add_argument("--upper-bound", nargs="+", default=None, metavar="RUN",
                         help="runs with every site labelled, in the same seed order")
+    parser.add_argument("--centralised", nargs="+", default=None, metavar="JSON",
+                        help="fedqc ablation seed files (seed<N>_<view>.json) of the same split, same seed order")
     ns = parser.parse_args()
     main(ns.runs, ns.upper_bound)
+    if ns.centralised:
+        _centralised(ns.runs, ns.centralised)
