@@ -16,7 +16,11 @@ over the shifted (unlabelled) sites of a view.
 (the upper bound: the shifted sites' labels used), e.g. a copy of configs/quickstart.yaml with
 ``labelled: true`` everywhere; it adds the gap closed, (full - M) / (UB - M), with UB the
 upper-bound run's M (the same supervised rounds as M) and its M+sup (as many supervised steps as
-full had: the compute-matched ceiling).
+full had: the compute-matched ceiling). ``--centralised`` names ``fedqc ablation`` seed files of
+the same config and seeds (the same split): federated against centralised, and the gap each closes
+to the centralised upper bound. Where the reports hold the label-free peers (``adapt.peers``), a
+table of them beside full at the shifted sites, with ``full+<peer>`` (the peer on full's refined
+model) and a Wilcoxon test of full and of the best combination against the strongest peer alone.
 """
 
 from __future__ import annotations
@@ -79,8 +83,6 @@ def main(args: list[str], upper: list[str] | None = None) -> None:
               + f" | {runs_of([f['precision'] for f in flags])} | {runs_of([f['recall'] for f in flags])}"
               + f" | {runs_of([r['flagged_pred_rv_dice'] for r in rows])}"
               + f" | {runs_of([r['flagged_recon_rv_dice'] for r in rows])} |")
-
-
     print("\nQC calibration under M on the test cases (Spearman of pDC with RV Dice; AUROC of pDC for "
           "RV Dice < 0.8), per run\n")
     print("| view | sites | cases per run | Spearman | AUROC |")
@@ -106,8 +108,8 @@ def _peers_table(reports: list[dict], dice: list[dict], keys) -> None:
     peers = [p for p in PEERS + PEERS_ON_FULL if any(v == p for d in dice for _, _, v in d)]
     if not peers:
         return
-    print("\nThe label-free peers at each shifted site (adapted from M on its own pool), RV Dice, mean ± sd; "
-          "full - peer per run\n")
+    print("\nThe label-free peers at each shifted site (adapted on its own pool from M, or from full's refined "
+          "model: full+<peer>), RV Dice, mean ± sd; full - peer per run\n")
     print("| view | site | full | " + " | ".join(peers) + " | " + " | ".join(f"full - {p}" for p in peers) + " |")
     print("|---|---|---|" + "---|" * (2 * len(peers)))
     applied = {(a["view"], a["site"], p): a[p]["applied"] for rep in reports for a in rep.get("adapt", []) for p in peers
