@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedqc.predict.case import below_floor
+
 FLOORS = (0.1, 0.2, 0.3, 0.4, 0.5)
 SHIFTED = ("centre3", "centre4")
 
@@ -45,7 +47,7 @@ def replay(recs: list[dict], variant: str, floor: float, only_flagged: bool = Fa
             by[(r["view"], r["site"])].append(r)
     out = {}
     for key, cases in by.items():
-        site_below = per_site and float(np.median([r["pdc"] for r in cases])) < floor
+        site_below = per_site and below_floor(floor, [r["pdc"] for r in cases])  # the rule fedqc applies
         out[key] = float(np.mean([r["recon_rv_dice_grid"] - r["pred_rv_dice_grid"]
                                   if (site_below if per_site else r["pdc"] < floor and (r["ood"] or not only_flagged))
                                   else 0.0 for r in cases]))

@@ -31,8 +31,8 @@ import math
 import statistics
 from pathlib import Path
 
-from fedqc.evaluation.peers_report import paired_test
-from fedqc.evaluation.variants import PEERS, PEERS_ON_FULL, calibration
+from fedqc.evaluation.peers_report import paired_test, records_case_dice
+from fedqc.evaluation.variants import PEERS, PEERS_ON_FULL, CaseRecord, calibration
 
 VARIANTS = ("M", "{M}+QC", "{M+sup}+QC", "full")
 
@@ -92,7 +92,7 @@ def main(args: list[str], upper: list[str] | None = None) -> None:
         shifted = [s for s in sites if s in _unlabelled(reports[0])]
         groups = [(s,) for s in sites] + ([tuple(shifted)] if len(shifted) > 1 else [])
         for group in groups:
-            cal = [calibration([_Case(c) for c in rep["cases"] if c["view"] == view and c["site"] in group])
+            cal = [calibration([CaseRecord(**c) for c in rep["cases"] if c["view"] == view and c["site"] in group])
                    for rep in reports]
             name = group[0] if len(group) == 1 else "shifted, pooled: " + ", ".join(group)
             print(f"| {view} | {name} | {' / '.join(str(c['n']) for c in cal)} | "
@@ -139,17 +139,9 @@ def _peers_table(reports: list[dict], dice: list[dict], keys) -> None:
         for ours in ("full", strongest(view, site, [p for p in peers if p in PEERS_ON_FULL])):
             if ours is None:
                 continue
-            t = paired_test(_case_dice(reports, view, site, ours), _case_dice(reports, view, site, peer))
+            cases = [c for rep in reports for c in rep["cases"]]
+            t = paired_test(records_case_dice(cases, view, site, ours), records_case_dice(cases, view, site, peer))
             print(f"| {view} | {site} | {peer} | {ours} | {t['n']} | {t['median_diff']:+.3f} | {t['p_two_sided']:.2g} |")
-
-
-def _case_dice(reports: list[dict], view: str, site: str, variant: str) -> dict[str, float]:
-    by: dict[str, list[float]] = {}
-    for rep in reports:
-        for c in rep["cases"]:
-            if (c["view"], c["site"], c["variant"]) == (view, site, variant):
-                by.setdefault(c["case_id"], []).append(c["rv_dice"])
-    return {k: statistics.mean(v) for k, v in by.items()}
 
 
 def _centralised(runs: list[str], seeds: list[str]) -> None:
@@ -179,13 +171,6 @@ def _centralised(runs: list[str], seeds: list[str]) -> None:
                       / (top - statistics.mean(d[(view, site, "M")] for d in runs_)) for runs_ in (fed, cen)]
             print(f"| {view} | {site} | upper bound (centralised); gap closed by full, of the means | "
                   f"{closed[0]:.0f} % | {mean_sd([u[(view, site)] for u in ub])}, {closed[1]:.0f} % | - | - |")
-
-
-class _Case:
-    """A report.json case as the attribute record :func:`calibration` reads."""
-
-    def __init__(self, record: dict):
-        self.__dict__.update(record)
 
 
 def _unlabelled(report: dict) -> set[str]:

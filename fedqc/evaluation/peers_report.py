@@ -71,11 +71,16 @@ def method_table(results: Sequence[dict], config: Config, view: str) -> str:
 
 def case_dice(results: Sequence[dict], view: str, site: str, variant: str) -> dict[str, float]:
     """Each test case's RV Dice under ``variant``, averaged over the seeds whose split held it."""
+    return records_case_dice([rec for r in results for rec in (r["views"].get(view) or {}).get("records", [])],
+                             None, site, variant)
+
+
+def records_case_dice(records, view: str | None, site: str, variant: str) -> dict[str, float]:
+    """:func:`case_dice` over case records (dicts) of any number of runs (``view`` None: all are of one view)."""
     by_case: dict[str, list[float]] = {}
-    for r in results:
-        for rec in (r["views"].get(view) or {}).get("records", []):
-            if rec["site"] == site and rec["variant"] == variant:
-                by_case.setdefault(rec["case_id"], []).append(rec["rv_dice"])
+    for rec in records:
+        if (view is None or rec["view"] == view) and (rec["site"], rec["variant"]) == (site, variant):
+            by_case.setdefault(rec["case_id"], []).append(rec["rv_dice"])
     return {k: float(np.mean(v)) for k, v in by_case.items()}
 
 

@@ -25,7 +25,7 @@ from fedqc.data.nifti import load_image, load_label
 from fedqc.data.preprocess import restore_probabilities
 from fedqc.data.site import PreparedCase
 from fedqc.evaluation.evaluate import score_labels
-from fedqc.predict.case import predict_case, site_reconstructs
+from fedqc.predict.case import below_floor, predict_case
 from fedqc.predict.postprocess import largest_component_per_structure
 from fedqc.qc.metrics import dice as dice_fn
 from fedqc.qc.thresholds import Thresholds
@@ -92,12 +92,19 @@ def score_site_variants(config: Config, site: str, cases: Sequence[PreparedCase]
                         autoencoder: torch.nn.Module, thresholds: Thresholds,
                         device: torch.device) -> list[CaseRecord]:
     """:func:`score_case_variants` over a site's cases, each selecting variant under the site's own
-    ``qc.reconstruction_floor`` decision on these cases (:func:`fedqc.predict.case.site_reconstructs`)."""
-    reconstructing = frozenset(
-        variant for variant, (models, selection) in candidates.items()
-        if selection and site_reconstructs(config, models, autoencoder, cases, thresholds, device))
-    return [record for case in cases for record in score_case_variants(
-        config, site, case, candidates, autoencoder, thresholds, device, reconstructing)]
+    ``qc.reconstruction_floor`` decision on these cases (:func:`fedqc.predict.case.below_floor` of
+    the selections' pDC, read from the records themselves: only a variant that switches is scored
+    again, so the default costs nothing extra)."""
+    per_case = [score_case_variants(config, site, case, candidates, autoencoder, thresholds, device)
+                for case in cases]
+    switching = frozenset(variant for variant, (_, selection) in candidates.items() if selection and below_floor(
+        config.qc.reconstruction_floor, [r.pdc for records in per_case for r in records if r.variant == variant]))
+    if switching:
+        again = {v: candidates[v] for v in switching}
+        per_case = [[r for r in records if r.variant not in switching] + score_case_variants(
+            config, site, case, again, autoencoder, thresholds, device, switching)
+            for case, records in zip(cases, per_case)]
+    return [r for records in per_case for r in records]
 
 
 def summarise_variants(records: Sequence[CaseRecord]) -> list[dict]:

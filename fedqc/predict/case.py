@@ -76,8 +76,13 @@ def site_reconstructs(config: Config, models: Sequence[torch.nn.Module], autoenc
     the site-views whose segmenter had failed (docs/QC.md, ``benchmarks/reconstruction_floor.py``).
     Off (False, nothing scored) at floor 0, the default.
     """
-    floor = config.qc.reconstruction_floor
-    if floor <= 0 or not cases:
+    if config.qc.reconstruction_floor <= 0 or not cases:
         return False
-    pdc = [predict_case(config, models, autoencoder, case, thresholds, device).pdc_selected for case in cases]
-    return bool(np.median(pdc) < floor)
+    return below_floor(config.qc.reconstruction_floor,
+                       [predict_case(config, models, autoencoder, case, thresholds, device).pdc_selected
+                        for case in cases])
+
+
+def below_floor(floor: float, pdc_selected: Sequence[float]) -> bool:
+    """The ``qc.reconstruction_floor`` rule on a site's selection pDCs: their median is below the floor."""
+    return floor > 0 and len(pdc_selected) > 0 and bool(np.median(pdc_selected) < floor)
