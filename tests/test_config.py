@@ -51,6 +51,7 @@ def test_valid_config_is_typed_frozen_and_resolves_paths(tmp_path):
         ({"federation": {"norm_factor": 0.5}}, "federation.norm_factor", "0 (off) or a number >= 1"),
         ({"federation": {"norm_factor": "big"}}, "federation.norm_factor", "number"),
         ({"federation": {"trim_fraction": 0.5}}, "federation.trim_fraction", "[0, 0.5)"),
+        ({"federation": {"min_sites": 3, "start_sites": 2}}, "federation.start_sites", "at least min_sites (3)"),
         ({"bogus": 1}, "bogus", "allowed keys"),
     ],
 )
@@ -137,3 +138,5 @@ def test_robust_aggregation_options_reach_the_federation_settings(tmp_path):
     assert settings.site_run_config["federation.aggregation"] == "trimmed-mean"  # flat scalars
     defaults = federation_settings(load_config(write(tmp_path, base(tmp_path))))
     assert (defaults.aggregation, defaults.trim_fraction, defaults.norm_factor) == ("mean", 0.2, 10.0)
+    assert (defaults.start_sites, federation_settings(load_config(write(tmp_path, base(tmp_path)), overrides={
+        "federation.start_sites": 4})).start_sites) == (0, 4)

@@ -174,6 +174,8 @@ class FederationConfig:
     ae_rounds: int = 3
     local_epochs: int = 2
     min_sites: int = 1
+    # Sites that must be connected before the first round (0: min_sites): start whole, tolerate dropouts.
+    start_sites: int = 0
     timeout_s: float = 600.0
     half_precision_transfer: bool = False
     refine_aggregation: Literal["slices", "eq2"] = "eq2"
@@ -186,6 +188,10 @@ class FederationConfig:
     control: bool = False
 
     def __post_init__(self) -> None:
+        if self.start_sites != 0 and self.start_sites < self.min_sites:
+            raise ConfigError("start_sites", f"got {self.start_sites!r}; must be 0 (= min_sites) or at least "
+                              f"min_sites ({self.min_sites}): the first round cannot start with fewer sites "
+                              "than every round needs")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError("trim_fraction", f"got {self.trim_fraction!r}; must be in [0, 0.5)")
         if not (self.norm_factor == 0 or 1.0 <= self.norm_factor < float("inf")):

@@ -42,7 +42,7 @@ def federation_settings(config: Config, audit: bool = False, control: bool | Non
         supervised_rounds=fed.supervised_rounds, ae_rounds=fed.ae_rounds, refine_rounds=config.refine.k_semi,
         local_epochs=fed.local_epochs, strategy=fed.strategy,
         proximal_mu=fed.proximal_mu if fed.strategy == "fedprox" else 0.0, m_best=config.train.m_best,
-        alpha=config.refine.alpha, min_sites=fed.min_sites, node_wait_s=fed.timeout_s,
+        alpha=config.refine.alpha, min_sites=fed.min_sites, start_sites=fed.start_sites, node_wait_s=fed.timeout_s,
         round_timeout_s=max(fed.timeout_s, 60.0),
         transfer_dtype="bfloat16" if fed.half_precision_transfer else "float32",
         refine_aggregation=fed.refine_aggregation, aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,

@@ -563,8 +563,8 @@ def outcome_line(status: dict, run_dir: Path, config_path: str | Path | None = N
         reason = f"the run ended as '{state}' with no reason given"
     resume = resume_hint(config_path, run_dir)
     if "required sites connected within" in reason:
-        advice = (f"start the missing sites' fedqc-client (or lower federation.min_sites, raise "
-                  f"federation.timeout_s), then {resume}")
+        advice = (f"start the missing sites' fedqc-client (or lower federation.min_sites or "
+                  f"federation.start_sites, raise federation.timeout_s), then {resume}")
     elif any(m in reason for m in ("sites answered", "no usable update", "no site returned")):
         advice = (f"each failed site's reason is in its own log (the site's fedqc-client says it; the "
                   f"coordinator only learns the exception type); fix the sites, then {resume}")

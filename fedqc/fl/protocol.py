@@ -136,7 +136,7 @@ class Protocol:
 
     def _init(self) -> None:
         """Every site introduces itself (and builds its algorithm); the first sends initial weights."""
-        first = self.sites.wait_for_sites()[0]
+        first = self.sites.wait_for_sites(max(self.settings.start_sites, self.settings.min_sites))[0]
         given = bool(self.settings.initial_weights)
         if given:
             self.weights = run_state.load_arrays(Path(self.settings.initial_weights))

@@ -61,7 +61,10 @@ class FederationSettings:
             labelled sites' share of refinement (Eq. 2's supervised term, alpha 0) from the same
             candidates, stored as ``ctl/m<i>/...`` (for the report; a deployment leaves it off).
         min_sites: sites that must be connected to start a round and must answer to aggregate.
-        node_wait_s: how long to wait for ``min_sites`` to connect before failing.
+        start_sites: sites that must be connected before the first round (INIT); 0: ``min_sites``.
+            A consortium that starts whole but tolerates losing sites later sets it above
+            ``min_sites`` (Flower's ``min_available_nodes`` against its ``min_train_nodes``).
+        node_wait_s: how long to wait for ``min_sites`` (``start_sites`` at INIT) to connect before failing.
         round_timeout_s: how long to wait for the replies of one round.
         refine_aggregation: ``eq2`` (default; :func:`fedqc.fl.aggregation.eq2_average`: the round's
             step is the first-order step of Eq. 2 over the consortium; docs/FEDERATION.md) or ``slices``
@@ -103,6 +106,7 @@ class FederationSettings:
     segmenter_examples: bool = False
     control: bool = False
     min_sites: int = 1
+    start_sites: int = 0
     node_wait_s: float = 300.0
     round_timeout_s: float = 3600.0
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -131,6 +135,7 @@ class FederationSettings:
             "m_best": self.m_best >= 1,
             "alpha": self.alpha in ("inverse", "linear"),
             "min_sites": self.min_sites >= 1,
+            "start_sites": self.start_sites == 0 or self.start_sites >= self.min_sites,
             "node_wait_s": self.node_wait_s > 0,
             "round_timeout_s": self.round_timeout_s > 0,
             "transfer_dtype": self.transfer_dtype in ("float32", "float16", "bfloat16"),

@@ -98,8 +98,10 @@ def test_resume_after_a_failed_round_continues_where_it_stopped(failed_then_resu
     assert rows[-1]["server_round"] == rows[-3]["server_round"] + 2  # the failed exchange counts
 
 
-def test_too_few_sites_fail_fast_with_a_clear_message(tmp_path):
+@pytest.mark.parametrize("counts", [{"min_sites": 3}, {"min_sites": 1, "start_sites": 3}],
+                         ids=["min_sites", "start_sites"])
+def test_too_few_sites_fail_fast_with_a_clear_message(tmp_path, counts):
     sites = [{"site-id": "A", "seed": 1}, {"site-id": "B", "seed": 2}]
-    settings = toy_settings(min_sites=3, node_wait_s=3)
+    settings = toy_settings(**counts, node_wait_s=3)  # start_sites: the first round waits for 3 even if 1 will do
     with pytest.raises(FederationError, match=r"only 2 of the 3 required sites connected within 3 s"):
         run_simulation(SimulationConfig(sites=toy_nodes(sites), federation=settings), tmp_path)
