@@ -8,6 +8,14 @@ candidates), then three QC modules R trained on the same labelled masks for the 
 * ``corrective+seg``: also repairing the candidates' own predictions of the labelled slices under an
   appearance shift (``corrective`` with ``segmenter_examples: true``, fedqc's default).
 
+``--variant NAME:key=value,...`` adds a module with other ``qc.*`` settings on top of a named one
+(e.g. ``long:base=corrective,ae_epochs=60`` or ``wide:base=corrective,ae_latent_channels=256``);
+``corrupt.<field>=value`` changes the corrective module's failures (:class:`fedqc.train.corrupt.CorruptionConfig`,
+e.g. ``still:base=corrective,corrupt.affine=0,corrupt.elastic=0``).
+Beside the shifted-site scores each module reports its fidelity on clean masks: the RV Dice of R's
+reconstruction of each labelled validation case's ground truth (a correct mask R cannot reproduce
+caps the pDC of a good prediction), and the median pDC of M on the labelled validation cases.
+
 Each is scored on every test case of the unlabelled (shifted) centres under M, in original geometry
 (:func:`fedqc.evaluation.variants.score_case_variants`): Spearman(pDC, true RV Dice), AUROC(pDC, Dice
 < 0.8), flag precision / recall under the consortium fences (labelled validation cases), and on
@@ -22,6 +30,7 @@ pseudo-label Eq. 2 pulls toward). Everything but R is shared, so differences are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import time
@@ -37,10 +46,74 @@ from fedqc.data.site import ensure_data, load_site_split, stack_slices
 from fedqc.evaluation.variants import BAD_DICE, auroc, score_case_variants
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 from fedqc.qc.scoring import score_cases
-from fedqc.qc.thresholds import fences_from_scores
+from fedqc.qc.fences import fences_from_scores
 from fedqc.train.stages import consortium_passes, train_autoencoder, train_supervised
 
 MODULES = {"plain": ("plain", False), "corrective": ("corrective", False), "corrective+seg": ("corrective", True)}
+VARIANTS: dict[str, dict] = {}  # name -> qc overrides (``--variant``), on top of MODULES[base]
+
+
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """``NAME:base=corrective,ae_epochs=60`` -> (name, base, {"ae_epochs": 60}); values typed as QCConfig's."""
+    from fedqc.config import QCConfig
+
+    name, _, rest = text.partition(":")
+    pairs = dict(item.split("=", 1) for item in rest.split(",") if item)
+    base = pairs.pop("base", "corrective")
+    if not name or base not in MODULES:
+        raise SystemExit(f"--variant {text!r}: want NAME:base=<{'|'.join(MODULES)}>,key=value,...")
+    from fedqc.train.corrupt import CorruptionConfig
+
+    fields = {f.name: f for f in dataclasses.fields(QCConfig)}
+    typed: dict = {}
+    for key, value in pairs.items():
+        if key.startswith("corrupt."):
+            field = key.removeprefix("corrupt.")
+            if field not in {f.name for f in dataclasses.fields(CorruptionConfig)}:
+                raise SystemExit(f"--variant {text!r}: {field} is not a CorruptionConfig field")
+            typed.setdefault("corrupt", {})[field] = type(getattr(CorruptionConfig(), field))(value)
+            continue
+        if key not in fields:
+            raise SystemExit(f"--variant {text!r}: qc.{key} is not a QC setting ({', '.join(fields)})")
+        default = getattr(QCConfig(), key)
+        typed[key] = (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
+    return name, base, typed
+
+
+@contextlib.contextmanager
+def _corruption(changes: dict | None):
+    """Train the corrective module with ``changes`` to its CorruptionConfig (benchmark only)."""
+    from fedqc.train import stages
+    from fedqc.train.corrupt import CorruptionConfig
+
+    if not changes:
+        yield
+        return
+    original = stages.corruption_of
+    stages.corruption_of = lambda config: (CorruptionConfig(**changes) if config.qc.autoencoder == "corrective"
+                                           else None)
+    try:
+        yield
+    finally:
+        stages.corruption_of = original
+
+
+@torch.no_grad()
+def clean_mask_fidelity(ae, cases, device) -> list[float]:
+    """Per labelled case: RV Dice (3D, over the case's slices) of R's reconstruction of its ground truth."""
+    from fedqc.core.types import NUM_CLASSES
+    from fedqc.train.losses import one_hot
+
+    out = []
+    for case in cases:
+        if case.labels is None:
+            continue
+        y = torch.as_tensor(case.labels.astype(np.int64), device=device)
+        r = ae(one_hot(y, NUM_CLASSES).float()).argmax(1).cpu().numpy()
+        truth = case.labels == 3
+        both = truth.sum() + (r == 3).sum()
+        out.append(float(2 * (truth & (r == 3)).sum() / both) if both else 1.0)
+    return out
 
 
 def run_seed(config, seed: int, views, modules, device) -> dict:
@@ -58,16 +131,21 @@ def run_seed(config, seed: int, views, modules, device) -> dict:
         models = segmenters_from_states(config, sup.candidate_states, device)
         entry = {"segmenter_s": time.perf_counter() - t0, "modules": {}}
         for name in modules:
-            kind, examples = MODULES[name]
-            qc = dataclasses.replace(config.qc, autoencoder=kind, segmenter_examples=examples)
+            base, overrides = VARIANTS.get(name, (name, {}))
+            overrides = dict(overrides)
+            corrupt = overrides.pop("corrupt", None)
+            kind, examples = MODULES[base]
+            qc = dataclasses.replace(config.qc, autoencoder=kind, segmenter_examples=examples, **overrides)
             cfg = dataclasses.replace(config, qc=qc)
             t1 = time.perf_counter()
             images, labels = stack_slices(train)
-            stage = train_autoencoder(cfg, sup.candidate_states, images, labels, val, device, progress=None,
-                                      passes=passes[view])
+            with _corruption(corrupt):
+                stage = train_autoencoder(cfg, sup.candidate_states, images, labels, val, device, progress=None,
+                                          passes=passes[view])
             ae = frozen_autoencoder(cfg, stage.state, device)
             ae_s = time.perf_counter() - t1
             val_scores = score_cases(models, ae, val, cfg.qc, device)
+            fidelity = clean_mask_fidelity(ae, val, device)
             th = fences_from_scores(val_scores, cfg.qc.tukey_factor, "consortium")
             records = []
             for split in splits:
@@ -106,6 +184,8 @@ def run_seed(config, seed: int, views, modules, device) -> dict:
                 "flagged_recon_dice": _mean([r.recon_rv_dice_grid for r in records if r.ood]),
                 "bad_pred_dice": _mean([r.pred_rv_dice_grid for r, b in zip(records, bad) if b]),
                 "bad_recon_dice": _mean([r.recon_rv_dice_grid for r, b in zip(records, bad) if b]),
+                "clean_recon_dice": float(np.mean(fidelity)) if fidelity else None,
+                "val_pdc_median": float(np.median(val_scores.pdc[:, 0])) if len(val_scores.pdc) else None,
                 "sites": per_site,
                 # per case, to re-fence offline (Tukey factor sweep): pDC / pHD / true RV Dice under M
                 "cases": [{"site": r.site, "case": r.case_id, "pdc": r.pdc, "phd": r.phd, "dice": r.rv_dice,
@@ -131,18 +211,21 @@ def table(results: list[dict]) -> str:
         return f"{np.mean(values):.{digits}f}" + (f" ± {np.std(values):.{digits}f}" if len(values) > 1 else "")
 
     lines = [("| view | QC module | Spearman pDC-Dice | AUROC (Dice<0.8) | flag precision | flag recall | "
-              "flagged: prediction RV Dice | flagged: R output RV Dice | bad: prediction | bad: R output | R s |"),
-             "|" + "---|" * 11]
+              "flagged: prediction RV Dice | flagged: R output RV Dice | bad: prediction | bad: R output | "
+              "R(truth) RV Dice, labelled val | M's pDC, labelled val (median) | R s |"),
+             "|" + "---|" * 13]
     views = sorted({v for r in results for v in r["views"]}, reverse=True)
     for view in views:
-        for name in MODULES:
+        names = list(dict.fromkeys(n for r in results for v in r["views"].values() for n in v["modules"]))
+        for name in names:
             rows = [r["views"][view]["modules"][name] for r in results
                     if view in r["views"] and name in r["views"][view]["modules"]]
             if not rows:
                 continue
             lines.append(f"| {view} | {name} | " + " | ".join(fmt([row[k] for row in rows]) for k in (
                 "spearman", "auroc", "precision", "recall", "flagged_pred_dice", "flagged_recon_dice",
-                "bad_pred_dice", "bad_recon_dice")) + f" | {fmt([row['ae_s'] for row in rows], 0)} |")
+                "bad_pred_dice", "bad_recon_dice", "clean_recon_dice", "val_pdc_median"))
+                + f" | {fmt([row['ae_s'] for row in rows], 0)} |")
     seeds = ", ".join(str(r["seed"]) for r in results)
     return f"Seeds {seeds}; shifted centres' test cases pooled, under M (mean ± sd over seeds).\n\n" + "\n".join(lines)
 
@@ -152,7 +235,10 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--views", nargs="+", default=None)
-    parser.add_argument("--modules", nargs="+", default=list(MODULES), choices=list(MODULES))
+    parser.add_argument("--modules", nargs="+", default=None, help=f"of {', '.join(MODULES)} (default: all) "
+                        "and the --variant names (default: all of them too)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:base=MODULE,key=value,...",
+                        help="a module with other qc.* settings (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("runs/qc_modules"))
     parser.add_argument("--report-from", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=0)
@@ -163,12 +249,20 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    for text in args.variant:
+        name, base, overrides = parse_variant(text)
+        VARIANTS[name] = (base, overrides)
+    modules = args.modules or [*MODULES, *VARIANTS]
+    unknown = [m for m in modules if m not in MODULES and m not in VARIANTS]
+    if unknown:
+        parser.error(f"--modules: unknown {unknown}; known: {[*MODULES, *VARIANTS]}")
     config = load_config(args.config)
     ensure_data(config)
     device = select_device(config.train.device)
     results = []
     for seed in args.seeds:
-        result = run_seed(config, seed, args.views or config.views, args.modules, device)
+        result = run_seed(config, seed, args.views or config.views, modules, device)
+        result["variants"] = {n: {"base": b, **o} for n, (b, o) in VARIANTS.items() if n in modules}
         write_json(args.out / f"seed{seed}.json", result)
         results.append(result)
     text = table(results)

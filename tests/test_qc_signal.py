@@ -146,3 +146,27 @@ def test_segmenter_examples_only_for_a_corrective_module_that_asks_for_them():
     made = examples_of(config(autoencoder="corrective", segmenter_examples=True), models, images, labels)
     inputs, targets = made(0)
     assert (inputs == 3).all() and inputs.shape == targets.shape == (3, 8, 8)
+
+
+def test_whole_mask_warps_off_leaves_every_mask_where_it_was():
+    """``qc.whole_mask_warps`` false: the corrective R's inputs keep the structures in place (only the
+    local failures remain); on, some masks move as a whole (their untouched structures move too)."""
+    from pathlib import Path
+
+    from fedqc.config import Config, QCConfig, SiteConfig
+    from fedqc.train.stages import corruption_of
+
+    def inputs(warps: bool) -> torch.Tensor:
+        config = Config(sites=(SiteConfig(name="a", root=Path("."), labelled=True),),
+                        qc=QCConfig(autoencoder="corrective", whole_mask_warps=warps))
+        cfg = corruption_of(config)
+        # every failure but the warps off, so whatever still moves a structure is a warp
+        local_off = {k: 0.0 for k in ("boxes", "rv_missing", "rv_partial", "fragment", "morphology")}
+        only_warps = CorruptionConfig(clean=0.0, **local_off, affine=cfg.affine, elastic=cfg.elastic)
+        return corrupt_masks(_masks(64), make_generator(0, torch.device("cpu")), only_warps)
+
+    moved = (inputs(True) != _masks(64).long()).flatten(1).any(1)
+    assert int(moved.sum()) >= 8  # on (the default): about half of the masks are moved
+    assert torch.equal(inputs(False), _masks(64).long())
+    assert corruption_of(Config(sites=(SiteConfig(name="a", root=Path("."), labelled=True),),
+                                qc=QCConfig(autoencoder="plain", whole_mask_warps=False))) is None

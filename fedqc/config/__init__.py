@@ -120,6 +120,10 @@ class QCConfig:
     # training slices under an appearance shift (fedqc.train.autoencoder.segmenter_examples). Off:
     # measured worse for the full method on README's main command (docs/RESULTS.md).
     segmenter_examples: bool = False
+    # With a corrective R, also move whole masks (a shift with a small rotation, an elastic warp) and
+    # train R to put them back. R sees only the mask, so where a moved mask belongs is unknowable to
+    # it: learning to undo the move blurs every reconstruction, good masks' too (docs/QC.md, measured).
+    whole_mask_warps: bool = True
     # QC-based selection (fedqc.qc.selection): margin (M kept unless another candidate's pDC beats
     # it by more than selection_margin), guarded (the same, only while M passes the fences), or the
     # paper's. margin: measured best over 6 runs, 48 site-views (docs/QC.md, docs/RESULTS.md).

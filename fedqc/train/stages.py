@@ -135,8 +135,11 @@ def dp_delta(config: Config, slices: int) -> float:
 
 
 def corruption_of(config: Config) -> CorruptionConfig | None:
-    """``qc.autoencoder``: ``corrective`` trains R to repair corrupted masks, ``plain`` to reproduce them."""
-    return CorruptionConfig() if config.qc.autoencoder == "corrective" else None
+    """``qc.autoencoder``: ``corrective`` trains R to repair corrupted masks, ``plain`` to reproduce them;
+    ``qc.whole_mask_warps`` false leaves out the failures that move the whole mask."""
+    if config.qc.autoencoder != "corrective":
+        return None
+    return CorruptionConfig() if config.qc.whole_mask_warps else CorruptionConfig(affine=0.0, elastic=0.0)
 
 
 def examples_of(config: Config, segmenters: Sequence[torch.nn.Module] | None, images: np.ndarray | None,
