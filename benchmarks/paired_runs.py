@@ -64,9 +64,11 @@ def main(argv: list[str] | None = None) -> None:
     if _is_federated(str(args.run_a)) or _is_federated(str(args.run_b)):
         fa, fb = Federated(str(args.run_a)), Federated(str(args.run_b))
         if len(fa.reports) != len(fb.reports):
-            raise SystemExit(f"{len(fa.reports)} reports against {len(fb.reports)}: give one per seed, in the same order")
+            raise SystemExit(f"{len(fa.reports)} reports against {len(fb.reports)}: "
+                             "give one per seed, in the same order")
         _table(args, fa.sites(args.view, args.all_sites), lambda s: fa.dice(args.view, s, args.variant_a),
-               lambda s: fb.dice(args.view, s, args.variant_b), f"{len(fa.reports)} federated runs each, cases paired by (seed, case)")
+               lambda s: fb.dice(args.view, s, args.variant_b),
+               f"{len(fa.reports)} federated runs each, cases paired by (seed, case)")
         return
     a, b = load_results([args.run_a]), load_results([args.run_b])
     if [r["seed"] for r in a] != [r["seed"] for r in b]:
