@@ -102,6 +102,7 @@ def _corruption(changes: dict | None):
 def clean_mask_fidelity(ae, cases, device) -> list[float]:
     """Per labelled case: RV Dice (3D, over the case's slices) of R's reconstruction of its ground truth."""
     from fedqc.core.types import NUM_CLASSES
+    from fedqc.qc.metrics import dice
     from fedqc.train.losses import one_hot
 
     out = []
@@ -110,9 +111,7 @@ def clean_mask_fidelity(ae, cases, device) -> list[float]:
             continue
         y = torch.as_tensor(case.labels.astype(np.int64), device=device)
         r = ae(one_hot(y, NUM_CLASSES).float()).argmax(1).cpu().numpy()
-        truth = case.labels == 3
-        both = truth.sum() + (r == 3).sum()
-        out.append(float(2 * (truth & (r == 3)).sum() / both) if both else 1.0)
+        out.append(float(dice(r, case.labels, (3,))[0]))
     return out
 
 
