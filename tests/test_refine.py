@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +115,33 @@ def test_numpy_inputs_are_accepted(setup):
     model, ae, cases, images, labels = setup
     stats, _ = run(model, ae, [c.numpy() for c in cases], images.numpy(), labels.numpy().astype(np.uint8))
     assert stats["steps"] == 4
+
+
+def _step_norm(mode: str, alpha: float, labelled: bool) -> float:
+    """Norm of one refinement round's weight change through ``stages.refine_round`` (Adam, fresh)."""
+    from types import SimpleNamespace
+
+    from fedqc.config import config_from_dict
+    from fedqc.train.stages import refine_round
+    from tests.conftest import tiny_config_dict
+
+    config = config_from_dict(tiny_config_dict(Path("."), refine={"semi_only_alpha": mode, "batch_size": 4}))
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    start = build_segmenter("tiny", 32)
+    ae = build_qc_autoencoder(32).eval()
+    cases = [SimpleNamespace(images=torch.randn(6, 32, 32, generator=gen).numpy()) for _ in range(2)]
+    pair = (torch.randn(6, 1, 32, 32, generator=gen).numpy(),
+            torch.randint(0, 4, (6, 32, 32), generator=gen, dtype=torch.uint8).numpy()) if labelled else None
+    model = copy.deepcopy(start)
+    refine_round(config, [model], ae, cases, pair, alpha=alpha, k=1)
+    return float(torch.cat([(p - q).detach().flatten() for p, q in zip(model.parameters(), start.parameters())]).norm())
+
+
+def test_alpha_shrinks_an_unlabelled_sites_step_through_the_learning_rate():
+    # Adam normalises a loss's scale away: with alpha in the loss alone ("loss"), an unlabelled site's
+    # step is as long at alpha 0.25 as at 1; "lr" (the default) makes it a quarter as long.
+    assert _step_norm("loss", 0.25, False) / _step_norm("loss", 1.0, False) == pytest.approx(1.0, abs=0.05)
+    assert _step_norm("lr", 0.25, False) / _step_norm("lr", 1.0, False) == pytest.approx(0.25, abs=0.02)
+    # With a supervised term in the step, alpha stays in the loss: both settings give the same step.
+    assert _step_norm("lr", 0.25, True) == pytest.approx(_step_norm("loss", 0.25, True), rel=1e-6)

@@ -164,6 +164,11 @@ class RefineConfig:
     # pixels (the paper's, the default). 0.99 gained +0.020 at the shifted sites with README's R but
     # silently kept no pixel of a weaker R (docs/RESULTS.md, "What R's output teaches").
     pseudo_label_confidence: float = 0.0
+    # How alpha reaches a step with no supervised term (an unlabelled site's federated round): "lr"
+    # scales Adam's learning rate by alpha, so the step shrinks as alpha decays; "loss" scales the loss
+    # alone, which Adam normalises away (the step is the same at every alpha: the behaviour before).
+    # Steps with a supervised term keep alpha in the loss, as Eq. 2 (docs/FEDERATION.md).
+    semi_only_alpha: Literal["lr", "loss"] = "lr"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.pseudo_label_confidence < 1.0:

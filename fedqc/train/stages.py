@@ -309,6 +309,13 @@ def refine_round(config: Config, models: Sequence[torch.nn.Module], autoencoder:
     optimisers = list(optimisers) if optimisers is not None else [refine_optimiser(config, m) for m in models]
     images, labels = labelled if labelled is not None and len(labelled[0]) else (None, None)
     stacks = [c.images[:, None] for c in flagged]
+    # Adam is blind to a loss's scale: a step whose loss is alpha * L_WGD alone (an unlabelled site)
+    # moves as far at alpha 0.1 as at 1. There alpha scales the learning rate instead, so Eq. 2's
+    # decay reaches the step (refine.semi_only_alpha; docs/FEDERATION.md).
+    lr = rc.lr * alpha if (images is None and stacks and rc.semi_only_alpha == "lr") else rc.lr
+    for optimiser in optimisers:
+        for group in optimiser.param_groups:
+            group["lr"] = lr
     stats = []
     for i, (model, optimiser) in enumerate(zip(models, optimisers)):
         device = next(model.parameters()).device
