@@ -79,3 +79,16 @@ def test_a_labelled_site_whose_label_maps_are_all_empty_is_refused_by_name(tiny_
     with pytest.raises(DataError, match="every SA label map of the labelled site 'c1' is empty") as error:
         site.run(Task.SUPERVISED, weights, {"local-epochs": 1, "phase-round": 1})
     assert str(root) in str(error.value)
+
+
+def test_the_first_half_of_a_sequential_round_leaves_the_labelled_term_out(tiny_data, tmp_path, global_weights):
+    # refine_aggregation sequential: the coordinator first asks for Eq. 2's semi-supervised term
+    # alone (semi-only), then for the supervised term alone (control). A labelled site with nothing
+    # flagged trains in the second half only.
+    site = _site(tiny_data, tmp_path / "w", labelled=True, test_fraction=0.25)
+    config = {"local-epochs": 1, "alpha": 1.0, "num-candidates": 2}
+    first = site.run(Task.REFINE, global_weights, {**config, "semi-only": True})
+    assert first.metrics["num-flagged"] == 0 and first.metrics["num-labelled"] == 0 and first.weights is None
+    second = site.run(Task.REFINE, global_weights, {**config, "control": True})
+    assert second.metrics["num-labelled"] > 0 and second.metrics["num-examples"] == second.metrics["num-labelled"]
+    assert any(not np.array_equal(second.weights[k], global_weights[k]) for k in second.weights)

@@ -222,9 +222,12 @@ class Protocol:
         last = self.log_rows[-1] if self.log_rows else {}
         if last.get("phase") == "refine" and not any(last["num_flagged"].values()):
             return  # resumed after the round that ended refinement
+        sequential = self.settings.refine_aggregation == "sequential"
         for k in range(self.phase_round + 1, self.settings.refine_rounds + 1):
             config = self._with_fences(self._train_config(Task.REFINE, k))
             config[ConfigKey.ALPHA.value] = self.settings.alpha_at(k)
+            if sequential:
+                config[ConfigKey.SEMI_ONLY.value] = True
             outcome = self._exchange(Task.REFINE, config, self._candidates(), ae=select(self.weights, AE))
             flagged = {a.site: int(a.metrics.get(MetricKey.NUM_FLAGGED.value, 0)) for a in outcome.answers}
             labelled = {a.site: float(a.metrics.get(MetricKey.NUM_LABELLED.value, 0)) for a in outcome.answers}
@@ -233,6 +236,19 @@ class Protocol:
                 combine = lambda ups, ref: eq2_average(ups, ref, labelled)  # noqa: E731
             extra = {"alpha": config[ConfigKey.ALPHA.value], "num_flagged": flagged,
                      **self._aggregate(outcome, required=False, combine=combine)}
+            if sequential:
+                # The round's second half: the labelled sites' supervised term (the control's task)
+                # from where the semi-supervised step left the candidates. The round is recorded once,
+                # after both halves: a kill between them redoes the whole round on resume.
+                second = self._train_config(Task.REFINE, k)
+                second[ConfigKey.ALPHA.value] = config[ConfigKey.ALPHA.value]
+                second[ConfigKey.CONTROL.value] = True
+                sup = self._exchange(Task.REFINE, second, self._candidates(), ae=select(self.weights, AE))
+                extra["supervised_half"] = {
+                    "seconds": round(sup.seconds, 3), "missing": sup.missing, "failed": sup.failed,
+                    "sites": {a.site: {"metrics": a.metrics, "reply_bytes": a.reply_bytes} for a in sup.answers},
+                    **self._aggregate(sup, required=False)}
+                outcome = dataclasses.replace(outcome, seconds=outcome.seconds + sup.seconds)
             self._record("refine", k, outcome, extra)
             if not any(flagged.values()):
                 log(INFO, "refine: no site flagged a case in round %d; refinement ends", k)

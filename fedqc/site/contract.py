@@ -82,6 +82,7 @@ class ConfigKey(StrEnum):
     # REFINE / PREDICT: the consortium's fences per view, JSON {"SA": {th_low_pdc, th_up_phd, q1_pdc, ...}}
     CONSORTIUM_FENCES = "consortium-fences"
     CONTROL = "control"  # REFINE of the compute-matched control: flag nothing, Eq. 2's supervised share only
+    SEMI_ONLY = "semi-only"  # REFINE, first half of a sequential round: Eq. 2's semi-supervised term alone
 
 
 def fence_metric_key(view: str, stat: str) -> str:

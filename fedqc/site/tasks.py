@@ -298,6 +298,7 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
     alpha = float(config.get(ConfigKey.ALPHA, 1.0))
     k = int(config.get(ConfigKey.PHASE_ROUND, 1))
     control = bool(config.get(ConfigKey.CONTROL, False))  # M+sup: the supervised share only, nothing flagged
+    semi_only = bool(config.get(ConfigKey.SEMI_ONLY, False))  # a sequential round's first half: no labelled term
     dp = site.config.privacy.dp
     if dp is not None and (dp.refinement == "skip" or (dp.refinement == "unlabelled-only" and site.site.labelled)):
         # Eq. 2 under DP (docs/PRIVACY.md): a site whose patients the DP guarantee covers sends no update.
@@ -315,6 +316,8 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
         n_cases += len(pool)
         n_flagged += len(flagged)
         images, labels = site.labelled_slices(view)
+        if semi_only:
+            images, labels = images[:0], labels[:0]
         if flagged or len(images):
             _, stats = refine_round(site.config, models, ae, flagged, (images, labels), alpha=alpha, k=k,
                                     epochs=epochs)

@@ -51,10 +51,12 @@ def audited_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def failed_then_resumed_run(tmp_path_factory):
-    """Site B fails in PREDICT (min_sites 2 of 2): the run stops; resumed with B fixed, it completes."""
+    """Site B fails in PREDICT (min_sites 2 of 2): the run stops; resumed with B fixed, it completes.
+    Refinement is sequential (the semi-supervised half, then the supervised half, each round)."""
     run_dir = tmp_path_factory.mktemp("resume")
     sites = [{"site-id": "A", "seed": 1, "flag-below": 1.01}, {"site-id": "B", "seed": 2, "fail-task": "predict"}]
-    settings = toy_settings(supervised_rounds=1, refine_rounds=1, m_best=1, audit_replies=True)
+    settings = toy_settings(supervised_rounds=1, refine_rounds=1, m_best=1, audit_replies=True,
+                            refine_aggregation="sequential")
     with pytest.raises(FederationError) as failure:
         run_simulation(SimulationConfig(sites=toy_nodes(sites), federation=settings), run_dir)
     fixed = [sites[0], {"site-id": "B", "seed": 2}]

@@ -98,6 +98,21 @@ def test_resume_after_a_failed_round_continues_where_it_stopped(failed_then_resu
     assert rows[-1]["server_round"] == rows[-3]["server_round"] + 2  # the failed exchange counts
 
 
+def test_a_sequential_round_steps_on_the_flagged_cases_then_on_the_labels(failed_then_resumed_run):
+    run_dir, _ = failed_then_resumed_run
+    (row,) = [r for r in _log(run_dir) if r["phase"] == "refine"]
+    # First half: only A flagged; its step has no labelled term and is the only one aggregated.
+    assert row["num_flagged"]["A"] == 24 and row["aggregated_from"] == ["A"]
+    assert row["sites"]["A"]["metrics"]["num-labelled"] == 0
+    assert row["sites"]["A"]["metrics"]["num-examples"] == 24
+    # Second half, from there: both labelled sites' supervised term, nothing flagged.
+    half = row["supervised_half"]
+    assert sorted(half["aggregated_from"]) == ["A", "B"]
+    assert all(half["sites"][s]["metrics"]["num-flagged"] == 0 and half["sites"][s]["metrics"]["num-labelled"] > 0
+               for s in "AB")
+    assert row["server_round"] == [r for r in _log(run_dir) if r["phase"] == "supervised-evaluate"][0]["server_round"] + 3
+
+
 @pytest.mark.parametrize("counts", [{"min_sites": 3}, {"min_sites": 1, "start_sites": 3}],
                          ids=["min_sites", "start_sites"])
 def test_too_few_sites_fail_fast_with_a_clear_message(tmp_path, counts):

@@ -185,17 +185,23 @@ class ToySiteAlgo:
         ae = _autoencoder()
         _load(ae, weights, AE)
         models = self._candidates(weights, config)
-        flagged = self._flags(models, ae)
+        # control: the supervised term alone (nothing flagged); semi-only: the semi-supervised term
+        # alone (a sequential round's two halves, as the real site).
+        control, semi_only = bool(config.get(ConfigKey.CONTROL, False)), bool(config.get(ConfigKey.SEMI_ONLY, False))
+        flagged = np.zeros(len(self.images), bool) if control else self._flags(models, ae)
+        idx = self.train_idx if self.labelled and not semi_only else np.array([], int)
+        trains = bool(flagged.any()) or (control and len(idx) > 0)
         out: Weights = {}
         semi_loss = 0.0
         for i, model in enumerate(models):
-            if flagged.any():
-                semi_loss = self._fit(model, self.train_idx if self.labelled else np.array([], int), epochs, 0.0,
-                                      pseudo=(self.images[flagged], ae, alpha))
+            if trains:
+                semi_loss = self._fit(model, idx, epochs, 0.0,
+                                      pseudo=(self.images[flagged], ae, alpha) if flagged.any() else None)
             out.update(_state(model, candidate_prefix(i) + SEG))
-        count = int(flagged.sum()) + (len(self.train_idx) if self.labelled else 0)
-        return SiteReply(weights=out if flagged.any() else None, metrics={
-            MetricKey.NUM_EXAMPLES.value: count if flagged.any() else 0, MetricKey.NUM_FLAGGED.value: int(flagged.sum()),
+        count = int(flagged.sum()) + len(idx)
+        return SiteReply(weights=out if trains else None, metrics={
+            MetricKey.NUM_EXAMPLES.value: count if trains else 0, MetricKey.NUM_FLAGGED.value: int(flagged.sum()),
+            MetricKey.NUM_LABELLED.value: len(idx) if trains else 0,
             MetricKey.NUM_CASES.value: len(self.images), MetricKey.ALPHA.value: alpha,
             MetricKey.SEMI_LOSS.value: semi_loss})
 
