@@ -37,6 +37,12 @@ def round_line(row: Mapping[str, Any], rounds: int) -> str:
                           for s in sites.values() if MetricKey.TRAIN_LOSS.value in s.get("metrics", {})])
         if loss is not None:
             parts.append(f"train loss {loss:.4f}")
+    half = row.get("supervised_half")
+    if half is not None:  # refine_aggregation sequential: the round's second exchange
+        parts.append(f"then the supervised step of {len(half.get('aggregated_from', []))} labelled site(s)")
+        lost = sorted({*half.get("failed", {}), *half.get("missing", [])})
+        if lost:
+            parts.append("supervised step without: " + ", ".join(lost))
     if failed:
         parts.append("failed: " + ", ".join(sorted(failed)))
     if missing:

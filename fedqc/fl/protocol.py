@@ -11,7 +11,9 @@
    pDC / pHD on their validation cases are pooled into the consortium's fences, sent to every
    site with REFINE and PREDICT (``consortium-fences``).
 5. ``refine``: up to K_semi rounds of Task.REFINE on the candidates with alpha per round; stops
-   after a round in which no site reports NUM_FLAGGED > 0.
+   after a round in which no site reports NUM_FLAGGED > 0. ``refine_aggregation: sequential``
+   makes each round two exchanges: ``semi-only`` (the flagging sites' semi-supervised term), then
+   ``control`` (the labelled sites' supervised term) from the result.
 6. ``control`` (``control``): as many rounds of the compute-matched control M+sup (REFINE with
    ``control``: the labelled sites' supervised share only) from the supervised candidates,
    kept as ``ctl/m<i>/...`` for the report.
@@ -228,6 +230,7 @@ class Protocol:
             config[ConfigKey.ALPHA.value] = self.settings.alpha_at(k)
             if sequential:
                 config[ConfigKey.SEMI_ONLY.value] = True
+            start = self.weights
             outcome = self._exchange(Task.REFINE, config, self._candidates(), ae=select(self.weights, AE))
             flagged = {a.site: int(a.metrics.get(MetricKey.NUM_FLAGGED.value, 0)) for a in outcome.answers}
             labelled = {a.site: float(a.metrics.get(MetricKey.NUM_LABELLED.value, 0)) for a in outcome.answers}
@@ -237,22 +240,29 @@ class Protocol:
             extra = {"alpha": config[ConfigKey.ALPHA.value], "num_flagged": flagged,
                      **self._aggregate(outcome, required=False, combine=combine)}
             if sequential:
-                # The round's second half: the labelled sites' supervised term (the control's task)
-                # from where the semi-supervised step left the candidates. The round is recorded once,
-                # after both halves: a kill between them redoes the whole round on resume.
-                second = self._train_config(Task.REFINE, k)
-                second[ConfigKey.ALPHA.value] = config[ConfigKey.ALPHA.value]
-                second[ConfigKey.CONTROL.value] = True
-                sup = self._exchange(Task.REFINE, second, self._candidates(), ae=select(self.weights, AE))
-                extra["supervised_half"] = {
-                    "seconds": round(sup.seconds, 3), "missing": sup.missing, "failed": sup.failed,
-                    "sites": {a.site: {"metrics": a.metrics, "reply_bytes": a.reply_bytes} for a in sup.answers},
-                    **self._aggregate(sup, required=False)}
-                outcome = dataclasses.replace(outcome, seconds=outcome.seconds + sup.seconds)
+                try:
+                    outcome = self._second_half(k, config, outcome, extra)
+                except FederationError:
+                    self.weights = start  # the failure is saved with the round's starting weights
+                    raise
             self._record("refine", k, outcome, extra)
             if not any(flagged.values()):
                 log(INFO, "refine: no site flagged a case in round %d; refinement ends", k)
                 break
+
+    def _second_half(self, k: int, config: Mapping[str, Scalar], first: Outcome, extra: dict[str, Any]) -> Outcome:
+        """A sequential round's second exchange: the labelled sites' supervised term (the control's
+        task) from where the semi-supervised step left the candidates. The round is recorded once,
+        after both halves: a kill between them redoes the whole round on resume."""
+        second = self._train_config(Task.REFINE, k)
+        second[ConfigKey.ALPHA.value] = config[ConfigKey.ALPHA.value]
+        second[ConfigKey.CONTROL.value] = True
+        sup = self._exchange(Task.REFINE, second, self._candidates(), ae=select(self.weights, AE))
+        extra["supervised_half"] = {
+            "seconds": round(sup.seconds, 3), "missing": sup.missing, "failed": sup.failed,
+            "sites": {a.site: {"metrics": a.metrics, "reply_bytes": a.reply_bytes} for a in sup.answers},
+            **self._aggregate(sup, required=False)}
+        return dataclasses.replace(first, seconds=first.seconds + sup.seconds)
 
     def _control(self) -> None:
         """M+sup: refinement's supervised share without its QC-driven part, as many rounds, same candidates."""

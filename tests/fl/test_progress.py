@@ -14,6 +14,10 @@ def test_one_line_per_round_says_phase_round_sites_score_and_time():
     refine = {"phase": "refine", "round": 1, "seconds": 9.0, "num_flagged": {"A": 3, "B": 4},
               "sites": {"A": {}, "B": {}}, "failed": {}, "missing": ["D"]}
     assert round_line(refine, 4) == "[refine] round 1/4: 2/3 sites answered, flagged 7 case(s), no reply: D, 9.0 s"
+    sequential = {**refine, "missing": [], "supervised_half": {"aggregated_from": ["A"], "failed": {"B": "x"},
+                                                               "missing": []}}
+    assert round_line(sequential, 2) == ("[refine] round 1/2: 2/2 sites answered, flagged 7 case(s), then the "
+                                         "supervised step of 1 labelled site(s), supervised step without: B, 9.0 s")
     ae = {"phase": "qc-autoencoder", "round": 1, "seconds": 2.0, "failed": {}, "missing": [],
           "sites": {"A": {"metrics": {"train-loss": 0.5, "num-examples": 1}},
                     "B": {"metrics": {"train-loss": 0.2, "num-examples": 3}}}}
