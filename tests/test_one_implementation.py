@@ -21,13 +21,14 @@ def _config(tiny_data) -> dict:
     # One labelled hospital that also keeps unlabelled subjects (its adaptation pool); one round per
     # phase, as many local epochs as the centralised epochs (1: with m_best 1 the centralised run keeps its
     # best-validation epoch, the federation its last), fences at the quartiles so that refinement has work.
+    # eq2: one site's round is then centralised Eq. 2 exactly (sequential splits its two terms in two steps).
     data = tiny_config_dict(tiny_data, views=["SA"],
                             train={"epochs": 1, "m_best": 1, "val_fraction": 0.4, "seed": 3},
                             qc={"ae_epochs": 1, "threshold_source": "labelled-val", "tukey_factor": 0.0,
                                 "autoencoder": "corrective", "segmenter_examples": True},
                             refine={"k_semi": 1},
                             federation={"supervised_rounds": 1, "ae_rounds": 1, "local_epochs": 1, "min_sites": 1,
-                                        "timeout_s": 300})
+                                        "timeout_s": 300, "refine_aggregation": "eq2"})
     data["sites"] = [{"name": "centre1", "root": str(tiny_data), "filter": {"CENTRE": 1}, "labelled": True,
                       "unlabelled_fraction": 0.4}]
     return data

@@ -187,7 +187,7 @@ class FederationConfig:
     start_sites: int = 0
     timeout_s: float = 600.0
     half_precision_transfer: bool = False
-    refine_aggregation: Literal["slices", "eq2", "sequential"] = "eq2"
+    refine_aggregation: Literal["slices", "eq2", "sequential"] = "sequential"
     # Poisoned or broken updates (docs/FEDERATION.md): robust aggregation and the norm-outlier rule.
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
     trim_fraction: float = 0.2

@@ -66,11 +66,12 @@ class FederationSettings:
             ``min_sites`` (Flower's ``min_available_nodes`` against its ``min_train_nodes``).
         node_wait_s: how long to wait for ``min_sites`` (``start_sites`` at INIT) to connect before failing.
         round_timeout_s: how long to wait for the replies of one round.
-        refine_aggregation: ``eq2`` (default; :func:`fedqc.fl.aggregation.eq2_average`: the round's
-            step is the first-order step of Eq. 2 over the consortium; docs/FEDERATION.md), ``slices``
-            (FedAvg weighted by the slices each site used) or ``sequential`` (two exchanges per round:
-            the semi-supervised term alone at every site that flags, F-weighted, then the labelled
-            sites' supervised term from that point, N-weighted).
+        refine_aggregation: ``sequential`` (default: two exchanges per round, the semi-supervised
+            term alone at every site that flags, F-weighted, then the labelled sites' supervised
+            term from that point, N-weighted; measured to cost the labelled sites far less,
+            docs/FEDERATION.md), ``eq2`` (:func:`fedqc.fl.aggregation.eq2_average`: the round's step
+            is the first-order step of Eq. 2 over the consortium) or ``slices`` (FedAvg weighted by
+            the slices each site used).
         aggregation: ``mean`` (FedAvg, and ``refine_aggregation`` in refine rounds), or ``median`` /
             ``trimmed-mean`` (:func:`fedqc.fl.robust.robust_average`, unweighted, in every phase,
             refine rounds included: ``refine_aggregation`` then has no effect).
@@ -112,7 +113,7 @@ class FederationSettings:
     node_wait_s: float = 300.0
     round_timeout_s: float = 3600.0
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    refine_aggregation: Literal["slices", "eq2", "sequential"] = "eq2"
+    refine_aggregation: Literal["slices", "eq2", "sequential"] = "sequential"
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
     trim_fraction: float = 0.2
     norm_factor: float = 10.0

@@ -24,6 +24,7 @@ def toy_settings(**changes) -> FederationSettings:
     base = {"supervised_rounds": 2, "ae_rounds": 1, "refine_rounds": 2, "local_epochs": 2, "m_best": 2,
             "min_sites": 2, "node_wait_s": 60, "round_timeout_s": 120,
             "fence_source": "unlabelled",  # toy sites flag by their own rule: no consortium fences exchange
+            "refine_aggregation": "eq2",  # one exchange per refine round (the resume run tests sequential)
             "site_run_config": {"lr": 0.1}}
     return FederationSettings(**{**base, **changes})
 
