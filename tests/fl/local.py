@@ -54,7 +54,8 @@ def toy_sites(count: int = 2) -> list[dict[str, Scalar]]:
 def one_round_each(**changes: object) -> FederationSettings:
     """Toy protocol settings with one round per phase."""
     base = {"supervised_rounds": 1, "ae_rounds": 1, "refine_rounds": 1, "local_epochs": 2, "m_best": 1,
-            "fence_source": "unlabelled", "node_wait_s": 120, "round_timeout_s": 300}
+            "fence_source": "unlabelled", "node_wait_s": 120, "round_timeout_s": 300,
+            "refine_aggregation": "eq2"}  # one exchange per refine round; sequential: tests/fl/test_simulation.py
     return FederationSettings(**{**base, **changes})
 
 
