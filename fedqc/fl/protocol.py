@@ -241,7 +241,7 @@ class Protocol:
                      **self._aggregate(outcome, required=False, combine=combine)}
             if sequential:
                 try:
-                    outcome = self._second_half(k, config, outcome, extra)
+                    outcome = self._second_half(k, outcome, extra)
                 except FederationError:
                     self.weights = start  # the failure is saved with the round's starting weights
                     raise
@@ -250,12 +250,12 @@ class Protocol:
                 log(INFO, "refine: no site flagged a case in round %d; refinement ends", k)
                 break
 
-    def _second_half(self, k: int, config: Mapping[str, Scalar], first: Outcome, extra: dict[str, Any]) -> Outcome:
+    def _second_half(self, k: int, first: Outcome, extra: dict[str, Any]) -> Outcome:
         """A sequential round's second exchange: the labelled sites' supervised term (the control's
         task) from where the semi-supervised step left the candidates. The round is recorded once,
         after both halves: a kill between them redoes the whole round on resume."""
         second = self._train_config(Task.REFINE, k)
-        second[ConfigKey.ALPHA.value] = config[ConfigKey.ALPHA.value]
+        second[ConfigKey.ALPHA.value] = self.settings.alpha_at(k)  # as the control's task: reported, unused
         second[ConfigKey.CONTROL.value] = True
         sup = self._exchange(Task.REFINE, second, self._candidates(), ae=select(self.weights, AE))
         extra["supervised_half"] = {

@@ -304,6 +304,7 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
         # Eq. 2 under DP (docs/PRIVACY.md): a site whose patients the DP guarantee covers sends no update.
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0, M.NUM_FLAGGED.value: 0})
     out, n_cases, n_flagged, n_examples, n_labelled, semi, sup = {}, 0, 0, 0, 0, [], []
+    refined: list[tuple[str, list]] = []
     for view in site.config.views:
         models = _candidates(site, weights, view, m)
         ae = _autoencoder_for(site, weights, view)
@@ -325,8 +326,11 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
             sup += [s["sup_loss"] for s in stats if s["n_labelled"]]
             n_examples += stats[-1]["n_flagged_slices"] + stats[-1]["n_labelled"]
             n_labelled += stats[-1]["n_labelled"]
-        for i, model in enumerate(models):
-            out.update(site.export(model, f"{candidate_prefix(i)}seg/{view}/"))
+        refined.append((view, models))
+    if n_examples:  # nothing trained (e.g. a labelled site in a sequential round's first half): no weights
+        for view, models in refined:
+            for i, model in enumerate(models):
+                out.update(site.export(model, f"{candidate_prefix(i)}seg/{view}/"))
     # The coordinator weights refinement updates by these counts so the round's step is Eq. 2's
     # (flagged slices = num-examples - num-labelled; fedqc.fl.aggregation.eq2_average).
     metrics = {M.NUM_CASES.value: n_cases, M.NUM_FLAGGED.value: n_flagged, M.NUM_EXAMPLES.value: n_examples,
@@ -335,7 +339,7 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
         metrics[M.SEMI_LOSS.value] = float(np.mean(semi))
     if sup:
         metrics[M.SUP_LOSS.value] = float(np.mean(sup))
-    return SiteReply(weights=out if n_examples else None, metrics=metrics)
+    return SiteReply(weights=out or None, metrics=metrics)
 
 
 def predict(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs: int) -> SiteReply:
