@@ -169,10 +169,16 @@ class RefineConfig:
     # alone, which Adam normalises away (the step is the same at every alpha: the behaviour before).
     # Steps with a supervised term keep alpha in the loss, as Eq. 2 (docs/FEDERATION.md).
     semi_only_alpha: Literal["lr", "loss"] = "lr"
+    # Eq. 2 epochs per refinement round k, on every path: centralised, epochs of the loop per k (null:
+    # 1, the paper's); federated, each site's local epochs in a refine round and in the control's
+    # (null: federation.local_epochs). docs/RESULTS.md, "Federated against centralised".
+    local_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.pseudo_label_confidence < 1.0:
             raise ValueError("refine.pseudo_label_confidence must be in [0, 1)")
+        if self.local_epochs is not None and self.local_epochs < 1:
+            raise ValueError("refine.local_epochs must be >= 1 (or null)")
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def federation_settings(config: Config, audit: bool = False, control: bool | Non
     fed = config.federation
     return FederationSettings(
         supervised_rounds=fed.supervised_rounds, ae_rounds=fed.ae_rounds, refine_rounds=config.refine.k_semi,
-        local_epochs=fed.local_epochs, strategy=fed.strategy,
+        local_epochs=fed.local_epochs, refine_local_epochs=config.refine.local_epochs or 0, strategy=fed.strategy,
         proximal_mu=fed.proximal_mu if fed.strategy == "fedprox" else 0.0, m_best=config.train.m_best,
         alpha=config.refine.alpha, min_sites=fed.min_sites, start_sites=fed.start_sites, node_wait_s=fed.timeout_s,
         round_timeout_s=max(fed.timeout_s, 60.0),

@@ -311,6 +311,8 @@ class Protocol:
         mu = self.settings.proximal_mu if self.settings.strategy == "fedprox" else 0.0
         config[ConfigKey.PROXIMAL_MU.value] = mu
         config[ConfigKey.NUM_CANDIDATES.value] = self._num_candidates()
+        if task == Task.REFINE and self.settings.refine_local_epochs:
+            config[ConfigKey.LOCAL_EPOCHS.value] = self.settings.refine_local_epochs
         return config
 
     def _exchange(self, task: str, config: Mapping[str, Scalar], weights: Mapping[str, np.ndarray] | None,

@@ -42,6 +42,8 @@ class FederationSettings:
         refine_rounds: K_semi, the most Task.REFINE rounds; fewer when no site flags a case.
         predict: end with one Task.PREDICT exchange (sites write predictions and QC reports).
         local_epochs: epochs per round at each site (several: every exchange costs seconds).
+        refine_local_epochs: a refine round's local epochs (Task.REFINE, the control's rounds and
+            both halves of a sequential round); 0: ``local_epochs``.
         strategy: ``fedavg``; ``fedprox`` (sites add the proximal term, ``proximal_mu``);
             ``fedbn`` (names matching ``norm_pattern`` stay at each site: never averaged, never
             overwritten there; the autoencoder ``ae/...`` is always shared).
@@ -99,6 +101,7 @@ class FederationSettings:
     refine_rounds: int = 2
     predict: bool = True
     local_epochs: int = 1
+    refine_local_epochs: int = 0
     strategy: Literal["fedavg", "fedprox", "fedbn"] = "fedavg"
     proximal_mu: float = 0.0
     norm_pattern: str = DEFAULT_NORM_PATTERN
@@ -133,6 +136,7 @@ class FederationSettings:
             "ae_rounds": self.ae_rounds >= 0,
             "refine_rounds": self.refine_rounds >= 0,
             "local_epochs": self.local_epochs >= 1,
+            "refine_local_epochs": self.refine_local_epochs >= 0,
             "strategy": self.strategy in ("fedavg", "fedprox", "fedbn"),
             "proximal_mu": self.proximal_mu >= 0,
             "m_best": self.m_best >= 1,

@@ -376,7 +376,7 @@ def refine(config: Config, models: Sequence[torch.nn.Module], autoencoder: torch
             break
         alpha = alpha_scale * alpha_schedule(k, rc.alpha, rc.k_semi)
         optimisers, stats = refine_round(config, models, autoencoder, flagged, labelled, alpha=alpha, k=k,
-                                         optimisers=optimisers)
+                                         epochs=rc.local_epochs or 1, optimisers=optimisers)
         flags = count_flags(config, models, autoencoder, pools, thresholds, device)
         entry = {"epoch": k, "alpha": alpha, "flagged_before": len(flagged),
                  "flagged_after": {s: int(f.sum()) for s, f in flags.items()},
