@@ -3,7 +3,7 @@
 The federation runs one round per phase with the toy site algorithm, then every process the
 test started (daemons, their superexec children, ``flwr run``) must be gone and every port free.
 The insecure deployment (8 SuperNodes, Flower's cost per exchange, bytes per client per round) is
-``tests/fl/test_load.py::test_eight_supernodes_several_rounds_leak_no_process_port_or_file``.
+``tests/fl/test_load.py::test_eight_supernodes_every_phase_leak_no_process_port_or_file``.
 """
 
 from __future__ import annotations

@@ -129,7 +129,9 @@ def _assert_gone(pids: list[int], ports: list[int], folder: Path) -> None:
 
 def test_coordinator_killed_mid_run_resumes_from_the_last_completed_round(tmp_path):
     run_dir, port = tmp_path / "run", processes.free_port()
-    one_round_each(min_sites=2, supervised_rounds=3, m_best=2, node_wait_s=120,
+    # No autoencoder or refine rounds: what is tested is the supervised rounds around the crash (the
+    # later phases' resume: tests/fl/test_simulation.py); every exchange costs Flower's polls.
+    one_round_each(min_sites=2, supervised_rounds=3, ae_rounds=0, refine_rounds=0, m_best=2, node_wait_s=120,
                    round_timeout_s=120).to_json(tmp_path / "federation.json")
     nodes = [_node(tmp_path, site, port) for site in toy_sites(2)]
     pids: list[int] = [n.proc.pid for n in nodes]
@@ -154,8 +156,7 @@ def test_coordinator_killed_mid_run_resumes_from_the_last_completed_round(tmp_pa
         assert (log[len(saved)]["phase"], log[len(saved)]["round"]) == ("supervised", state_before["phase_round"] + 1)
     rounds = [r["round"] for r in log if r["phase"] == "supervised" and "error" not in r]
     assert rounds == [1, 2, 3]  # each round once: the interrupted one re-run, none skipped
-    assert [r["phase"] for r in log] == ["init"] + ["supervised"] * 3 + ["supervised-evaluate", "qc-autoencoder",
-                                                                         "refine", "predict"]
+    assert [r["phase"] for r in log] == ["init"] + ["supervised"] * 3 + ["supervised-evaluate", "predict"]
     state = json.loads((run_dir / "state.json").read_text())
     assert state["phase"] == "done"
     scored_before = {k: v for k, v in state_before["best"]["scores"].items() if v is not None}
@@ -170,7 +171,7 @@ def test_a_site_killed_mid_round_is_named_the_round_finishes_and_the_site_rejoin
     run_dir, port = tmp_path / "run", processes.free_port()
     # start_sites 3: the run starts with all three (a SuperNode slow to connect would otherwise leave
     # site1 and one other as the round's only targets, and killing site1 leaves one answer of two).
-    one_round_each(min_sites=2, start_sites=3, supervised_rounds=3, node_wait_s=120,
+    one_round_each(min_sites=2, start_sites=3, supervised_rounds=3, ae_rounds=0, refine_rounds=0, node_wait_s=120,
                    round_timeout_s=60).to_json(tmp_path / "federation.json")
     sites = toy_sites(3)
     sites[1].update({"delay-s": 300.0, "delay-task": "supervised"})

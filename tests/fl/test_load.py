@@ -1,4 +1,4 @@
-"""Load: 16 simulated sites in one simulation; a SuperLink with 8 real SuperNodes for several rounds.
+"""Load: 16 simulated sites in one simulation; a SuperLink with 8 real SuperNodes through every phase.
 
 The loopback run is also the insecure deployment test: every phase completes, each site keeps its
 predictions, and this process's open file descriptors, its child processes and the ports are
@@ -66,17 +66,17 @@ def test_sixteen_simulated_sites_in_one_simulation(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
-def test_eight_supernodes_several_rounds_leak_no_process_port_or_file(tmp_path):
+def test_eight_supernodes_every_phase_leak_no_process_port_or_file(tmp_path):
     fds_before = _open_fds()
     children_before = set(processes.children(os.getpid()))
     sites = toy_sites(8)
     run = run_local_federation(tmp_path / "run", sites,
-                               one_round_each(min_sites=8, supervised_rounds=2, refine_rounds=1),
+                               one_round_each(min_sites=8),
                                echo=lambda _: None, max_seconds=1200)
     assert run.status["status"] == "finished:completed", run.status
     log = json.loads((run.run_dir / "log.json").read_text())
-    assert [r["phase"] for r in log] == ["init", "supervised", "supervised", "supervised-evaluate",
-                                         "qc-autoencoder", "refine", "predict"]
+    assert [r["phase"] for r in log] == ["init", "supervised", "supervised-evaluate", "qc-autoencoder", "refine",
+                                         "predict"]
     assert all(len(r["sites"]) == 8 and not r["missing"] and not r["failed"] for r in log[1:])
     assert run.summary is not None and run.summary["status"] == "completed"
     for site in sites:

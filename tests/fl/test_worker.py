@@ -214,7 +214,8 @@ def test_deployment_through_thin_clientapps_and_a_worker_killed_mid_round(tmp_pa
     """Site1's worker is killed -9 in supervised round 1: the round fails for site1 at once (named, with
     WorkerLost), fedqc-client's supervision restarts the worker, and the resumed run completes on it."""
     run_dir, port = tmp_path / "run", processes.free_port()
-    one_round_each(min_sites=2, supervised_rounds=2, round_timeout_s=300).to_json(tmp_path / "federation.json")
+    one_round_each(min_sites=2, supervised_rounds=1, ae_rounds=0, refine_rounds=0,
+                   round_timeout_s=300).to_json(tmp_path / "federation.json")
     sites = toy_sites(2)
     sites[1].update({"delay-s": 300.0, "delay-task": "supervised"})
     nodes = []
