@@ -38,6 +38,22 @@ def test_refine_changes_the_candidates(trained, tmp_path):
     assert fences["source"] == "unlabelled" and fences["n_cases"] > 0
 
 
+def test_refine_local_epochs_are_eq2_epochs_per_round(trained, tmp_path):
+    import shutil
+
+    import torch
+
+    config, trained_run = trained
+    runs = {}
+    for epochs in (1, 2):
+        run = shutil.copytree(trained_run, tmp_path / f"run{epochs}")
+        assert main(["refine", "--config", str(config), "--run", str(run), "--set", f"refine.local_epochs={epochs}"]) == 0
+        log = json.loads((run / "SA" / "refine_log.json").read_text())
+        assert log["epochs"] and all(e["epochs"] == epochs for e in log["epochs"])
+        runs[epochs] = torch.load(run / "SA" / "refined" / "candidate_0.pt")
+    assert any(not torch.equal(runs[1][k], runs[2][k]) for k in runs[1])  # the second epoch moved the weights
+
+
 def test_predict_and_evaluate(trained, tiny_data, tmp_path):
     _, run = trained
     out = tmp_path / "pred"

@@ -378,7 +378,7 @@ def refine(config: Config, models: Sequence[torch.nn.Module], autoencoder: torch
         optimisers, stats = refine_round(config, models, autoencoder, flagged, labelled, alpha=alpha, k=k,
                                          epochs=rc.local_epochs or 1, optimisers=optimisers)
         flags = count_flags(config, models, autoencoder, pools, thresholds, device)
-        entry = {"epoch": k, "alpha": alpha, "flagged_before": len(flagged),
+        entry = {"epoch": k, "epochs": rc.local_epochs or 1, "alpha": alpha, "flagged_before": len(flagged),
                  "flagged_after": {s: int(f.sum()) for s, f in flags.items()},
                  "semi_loss": float(np.mean([s["semi_loss"] for s in stats])),
                  "sup_loss": float(np.mean([s["sup_loss"] for s in stats]))}
