@@ -171,7 +171,7 @@ class RefineConfig:
     semi_only_alpha: Literal["lr", "loss"] = "lr"
     # Eq. 2 epochs per refinement round k, on every path: centralised, epochs of the loop per k (null:
     # 1, the paper's); federated, each site's local epochs in a refine round and in the control's
-    # (null: federation.local_epochs). docs/RESULTS.md, "Federated against centralised".
+    # (null: federation.local_epochs). Measured: 1 is worse federated (docs/RESULTS.md, "A fresh install").
     local_epochs: int | None = None
 
     def __post_init__(self) -> None:
