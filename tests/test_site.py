@@ -86,3 +86,45 @@ def test_a_config_reaches_the_site_unchanged(tiny_data):
         built = site_config(node_config(site, config.views), site_run_config(config))
         assert built.sites[0] == site
         assert built.train == config.train and built.qc == config.qc and built.views == config.views
+
+
+def test_refine_sends_only_the_views_it_trained_with_counts_per_view(tiny_data, tmp_path):
+    """A site that flags cases in one view and none in the other trains one view: only that view's
+    candidates travel, and its counts per view say so (the coordinator then averages each view over
+    the sites that trained it, by that view's slices: fedqc.fl.aggregation.split_by_view)."""
+    import json
+
+    config = config_from_dict(tiny_config_dict(tiny_data, views=["SA", "LA"], qc={"threshold_source": "consortium"}))
+    settings = to_dict(config)
+    settings.pop("sites")
+    settings.pop("simulated", None)
+    algos = []
+    for site in config.sites:
+        node = {"site-id": site.name, "work-dir": str(tmp_path / site.name), "root": str(site.root),
+                "filter": encode_value(dict(site.filter)), "labelled": site.labelled,
+                "test-fraction": site.test_fraction, "views": "SA,LA"}
+        algos.append(make_site_algo(node, flatten(settings)))
+    labelled, unlabelled = algos
+    seg = labelled.run(Task.SUPERVISED, None, {"local-epochs": 0, "seed": 0}).weights
+    ae = labelled.run(Task.QC_AUTOENCODER, None, {"local-epochs": 0, "seed": 0}).weights
+    candidates = {candidate_prefix(0) + k: v for k, v in seg.items()}
+    # Fences that flag every SA case (pDC <= 1 < 1.5) and no LA case.
+    everything = {"th_low_pdc": 1.5, "th_up_phd": -1.0, "q1_pdc": 0, "q3_pdc": 1, "q1_phd": 0, "q3_phd": 1,
+                  "factor": 1.5, "n_cases": 10, "source": "test"}
+    nothing = {**everything, "th_low_pdc": -1.0, "th_up_phd": 1e9}
+    config = {"local-epochs": 1, "alpha": 1.0, "num-candidates": 1, "phase-round": 1,
+              "consortium-fences": json.dumps({"SA": everything, "LA": nothing})}
+    reply = unlabelled.run(Task.REFINE, {**candidates, **ae}, config)
+    m = reply.metrics
+    assert m["num-flagged-SA"] > 0 and m["num-flagged-LA"] == 0
+    assert m["num-examples-SA"] > 0 and m["num-examples-LA"] == 0 and m["num-labelled-SA"] == 0
+    assert m["num-examples"] == m["num-examples-SA"] and m["num-flagged"] == m["num-flagged-SA"]
+    assert reply.weights and all(name.startswith("m0/seg/SA/") for name in reply.weights)
+    assert set(reply.weights) == {n for n in candidates if n.startswith("m0/seg/SA/")}
+    assert set(m) <= ALLOWED_METRIC_KEYS
+    # The labelled site trains both views on its labelled slices: both travel, each with its own count.
+    both = labelled.run(Task.REFINE, {**candidates, **ae}, {**config, "control": True})
+    assert set(both.weights) == set(candidates)
+    assert both.metrics["num-labelled-SA"] == both.metrics["num-examples-SA"] > 0
+    assert both.metrics["num-examples-LA"] > 0
+    assert both.metrics["num-examples"] == both.metrics["num-examples-SA"] + both.metrics["num-examples-LA"]

@@ -40,5 +40,10 @@ def candidate_prefix(index: int) -> str:
     return f"m{index}/"
 
 
+def view_of(name: str) -> View | None:
+    """The view a weight name belongs to (``m0/seg/SA/...``, ``seg/LA/...``, ``ae/SA/...``), or None."""
+    return next((part for part in name.split("/")[:-1] if part in VIEWS), None)  # type: ignore[return-value]
+
+
 # The compute-matched control's candidates in a federated run's final weights: ``ctl/m<i>/seg/...``.
 CONTROL_PREFIX = "ctl/"

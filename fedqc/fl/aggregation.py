@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedqc.core.types import VIEWS, view_of
 from fedqc.site.contract import Weights
 
 
@@ -149,6 +150,66 @@ def eq2_average(updates: list[Update], reference: Mapping[str, np.ndarray],
                     * (weight[update.site] / total)
                 step[name] = step[name] + term if name in step else term
     return as_global(reference, {name: np.asarray(reference[name], dtype=np.float64) + d for name, d in step.items()})
+
+
+@dataclass
+class ViewCounts:
+    """A site's counts for one view of a refinement round: the slices its update of that view used,
+    and how many of them were labelled."""
+
+    num_examples: float
+    num_labelled: float = 0.0
+
+
+def split_by_view(updates: list[Update], counts: Mapping[str, Mapping[str, ViewCounts]]
+                  ) -> list[tuple[str | None, list[Update], dict[str, float]]]:
+    """Refinement: each site's update cut into one update per view, each weighted by that view's own
+    slices, so that a view is averaged over the sites that trained it, in the proportions of its data.
+
+    A site's update holds only the views it trained (a view with no flagged and no labelled slice is
+    not sent); weighting a view by the site's total slices would give one view's data the pull of the
+    other's. Names outside any view stay in a group of their own, weighted by the whole count.
+
+    Args:
+        updates: checked updates.
+        counts: per site, per view, its counts (:class:`ViewCounts`); every site of ``updates`` must have them.
+
+    Returns:
+        ``(view, updates, labelled slices by site)`` per view some site trained, views in a stable order.
+    """
+    groups: dict[str | None, tuple[list[Update], dict[str, float]]] = {}
+    for update in updates:
+        parts: dict[str | None, Weights] = {}
+        for name, value in update.weights.items():
+            parts.setdefault(view_of(name), {})[name] = value
+        for view, weights in parts.items():
+            site_counts = counts[update.site]
+            if view is None:
+                n, labelled = update.num_examples, sum(c.num_labelled for c in site_counts.values())
+            elif view in site_counts:
+                n, labelled = site_counts[view].num_examples, site_counts[view].num_labelled
+            else:
+                raise ValueError(f"site {update.site} sent weights of view {view} without its counts")
+            if n <= 0:
+                raise ValueError(f"site {update.site} sent weights of view {view} with num-examples {n}")
+            members, by_site = groups.setdefault(view, ([], {}))
+            members.append(Update(update.site, weights, float(n)))
+            by_site[update.site] = float(labelled)
+    order = sorted(groups, key=lambda v: (v is None, str(v)))
+    return [(view, *groups[view]) for view in order]
+
+
+def name_totals(names: Iterable[str], counts: list[Mapping[str, ViewCounts]], total: float) -> dict[str, float]:
+    """Secure aggregation's divisors: per name, the sum of the weights its masked terms carry.
+
+    ``counts``: the per-view counts of every site that contributed (weight > 0). When each of them
+    reported per-view counts (REFINE), a view's names are divided by that view's slices over the
+    consortium (0: nobody trained it, the name keeps its global value); otherwise by ``total``.
+    """
+    per_view: dict[str, float] = {}
+    if counts and all(counts):
+        per_view = {view: sum(c[view].num_examples for c in counts if view in c) for view in VIEWS}
+    return {name: per_view.get(view_of(name), total) if per_view else total for name in names}
 
 
 def weighted_mean(values: Iterable[tuple[float, float]]) -> float | None:

@@ -47,7 +47,9 @@ from fedqc.fl.aggregation import (
     Update,
     as_global,
     eq2_average,
+    name_totals,
     select,
+    split_by_view,
     weighted_average,
     weighted_mean,
 )
@@ -61,6 +63,7 @@ from fedqc.fl.rounds import (
     Outcome,
     SiteExchange,
     num_examples,
+    view_counts,
 )
 from fedqc.fl.settings import FederationSettings
 from fedqc.qc.thresholds import QUARTILES, ThresholdFitError, pooled_fences
@@ -233,12 +236,8 @@ class Protocol:
             start = self.weights
             outcome = self._exchange(Task.REFINE, config, self._candidates(), ae=select(self.weights, AE))
             flagged = {a.site: int(a.metrics.get(MetricKey.NUM_FLAGGED.value, 0)) for a in outcome.answers}
-            labelled = {a.site: float(a.metrics.get(MetricKey.NUM_LABELLED.value, 0)) for a in outcome.answers}
-            combine = weighted_average
-            if self.settings.refine_aggregation == "eq2":
-                combine = lambda ups, ref: eq2_average(ups, ref, labelled)  # noqa: E731
             extra = {"alpha": config[ConfigKey.ALPHA.value], "num_flagged": flagged,
-                     **self._aggregate(outcome, required=False, combine=combine)}
+                     **self._aggregate(outcome, required=False, refinement=True)}
             if sequential:
                 try:
                     outcome = self._second_half(k, outcome, extra)
@@ -261,7 +260,7 @@ class Protocol:
         extra["supervised_half"] = {
             "seconds": round(sup.seconds, 3), "missing": sup.missing, "failed": sup.failed,
             "sites": {a.site: {"metrics": a.metrics, "reply_bytes": a.reply_bytes} for a in sup.answers},
-            **self._aggregate(sup, required=False)}
+            **self._aggregate(sup, required=False, refinement=True)}
         return dataclasses.replace(first, seconds=first.seconds + sup.seconds)
 
     def _control(self) -> None:
@@ -279,11 +278,7 @@ class Protocol:
             config[ConfigKey.ALPHA.value] = self.settings.alpha_at(k)
             config[ConfigKey.CONTROL.value] = True
             outcome = self._exchange(Task.REFINE, config, self._candidates(), ae=select(self.weights, AE))
-            labelled = {a.site: float(a.metrics.get(MetricKey.NUM_LABELLED.value, 0)) for a in outcome.answers}
-            combine = weighted_average
-            if self.settings.refine_aggregation == "eq2":
-                combine = lambda ups, ref: eq2_average(ups, ref, labelled)  # noqa: E731
-            self._record("control", k, outcome, self._aggregate(outcome, required=False, combine=combine))
+            self._record("control", k, outcome, self._aggregate(outcome, required=False, refinement=True))
         control = {CONTROL + k: v for k, v in self._candidates().items()}
         stashed = {k[len(STASH):]: v for k, v in self.weights.items() if k.startswith(STASH)}
         self.weights = {k: v for k, v in self.weights.items()
@@ -344,7 +339,14 @@ class Protocol:
         outcome = self.sites.run(INIT, init, None, nodes=newcomers, min_answers=0)
         log(INFO, "introduced: %s", ", ".join(a.site for a in outcome.answers) or "none")
 
-    def _aggregate(self, outcome: Outcome, required: bool = True, combine=weighted_average) -> dict[str, Any]:
+    def _aggregate(self, outcome: Outcome, required: bool = True, refinement: bool = False) -> dict[str, Any]:
+        """Check, screen and combine a round's updates into the global weights.
+
+        ``refinement`` (REFINE rounds: refine, both sequential halves, the control): each view is
+        combined over the sites that trained it, weighted by its own slices (per-view counts;
+        :func:`fedqc.fl.aggregation.split_by_view`), with ``refine_aggregation: eq2`` Eq. 2's step
+        (:func:`~fedqc.fl.aggregation.eq2_average`), otherwise the slice-weighted mean.
+        """
         for a in outcome.answers:
             if a.metrics.get(MetricKey.DP_BUDGET_SPENT.value):
                 log(WARNING, "site %s stopped contributing: its privacy budget is spent (epsilon %s)", a.site,
@@ -359,12 +361,26 @@ class Protocol:
             log(WARNING, "update of site %s rejected: %s", site, problem)
         if not updates and (required or rejected):
             raise FederationError(f"no usable update this round (rejected: {rejected}, failed: {outcome.failed})")
-        if updates and self.settings.aggregation != "mean":  # robust: every phase, unweighted
-            self.weights = robust_average(updates, self.weights, self.settings.aggregation, self.settings.trim_fraction)
-        elif updates:
-            self.weights = combine(updates, self.weights)
+        if updates:
+            self.weights = self._combine(updates, outcome, refinement)
         return {"aggregated_from": [u.site for u in updates], "rejected": rejected,
                 "update_norms": screened.norms, "norm_check": screened.norm_check}
+
+    def _combine(self, updates: list[Update], outcome: Outcome, refinement: bool) -> Weights:
+        counts = {a.site: view_counts(a) for a in outcome.answers}
+        labelled = {a.site: float(a.metrics.get(MetricKey.NUM_LABELLED.value, 0)) for a in outcome.answers}
+        groups = [(None, updates, labelled)]
+        if refinement and all(counts.get(u.site) for u in updates):
+            groups = split_by_view(updates, counts)
+        weights = self.weights
+        for _, members, by_site in groups:  # each group touches only its own names
+            if self.settings.aggregation != "mean":  # robust: every phase, unweighted
+                weights = robust_average(members, weights, self.settings.aggregation, self.settings.trim_fraction)
+            elif refinement and self.settings.refine_aggregation == "eq2":
+                weights = eq2_average(members, weights, by_site)
+            else:
+                weights = weighted_average(members, weights)
+        return weights
 
     def _secure_aggregate(self, outcome: Outcome, required: bool) -> dict[str, Any]:
         """The n-weighted mean from the masked sum (:mod:`fedqc.fl.secagg`); no single update is seen.
@@ -392,7 +408,10 @@ class Protocol:
             log(WARNING, "secure aggregation: only site %s contributed this round; its update is the sum",
                 contributors[0])
         sums = secagg.unmask_sum([a.weights for a in outcome.answers])
-        mean = {name: value / total for name, value in sums.items()}
+        # Per view when every site reported per-view counts (REFINE): each view's masked sum is weighted
+        # by that view's slices at each site; a view nobody trained keeps its global value.
+        totals = name_totals(sums, [view_counts(a) for a in outcome.answers if num_examples(a) > 0], total)
+        mean = {name: value / totals[name] for name, value in sums.items() if totals[name] > 0}
         bad = sorted(name for name, value in mean.items() if not np.all(np.isfinite(value)))
         if bad:
             raise FederationError(f"secure aggregation: the unmasked mean holds NaN/Inf in {bad[:3]}")

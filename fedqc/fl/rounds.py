@@ -27,7 +27,9 @@ from flwr.serverapp import Grid
 from fedqc.core.errors import FedqcError
 from fedqc.fl import records, trace
 from fedqc.fl.settings import FederationSettings
-from fedqc.site.contract import ConfigKey, MetricKey, Scalar, Task, Weights
+from fedqc.core.types import VIEWS
+from fedqc.fl.aggregation import ViewCounts
+from fedqc.site.contract import ConfigKey, MetricKey, Scalar, Task, Weights, view_metric_key
 
 INIT = "init"  # the first task: every site introduces itself; one returns freshly initialised weights
 INIT_WEIGHTS = "init-weights"  # INIT: this site returns its initial weights
@@ -258,3 +260,15 @@ def send_and_receive(grid: Grid, messages: list[Message], deadline: float) -> li
 def num_examples(answer: SiteAnswer) -> float:
     """A site's aggregation weight (NUM_EXAMPLES; 0 when it did not report one)."""
     return float(answer.metrics.get(MetricKey.NUM_EXAMPLES.value, 0))
+
+
+def view_counts(answer: SiteAnswer) -> dict[str, ViewCounts]:
+    """A REFINE reply's counts per view (``num-examples-SA``, ``num-labelled-SA``, ...); empty when the
+    site reported only totals."""
+    out = {}
+    for view in VIEWS:
+        key = view_metric_key(view, MetricKey.NUM_EXAMPLES)
+        if key in answer.metrics:
+            out[view] = ViewCounts(float(answer.metrics[key]),
+                                   float(answer.metrics.get(view_metric_key(view, MetricKey.NUM_LABELLED), 0)))
+    return out

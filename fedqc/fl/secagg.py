@@ -81,24 +81,26 @@ def _stream(seed: bytes, count: int) -> np.ndarray:
     return np.frombuffer(encryptor.update(b"\0" * (8 * count)), dtype=np.uint64).copy()
 
 
-def quantise(weights: Mapping[str, np.ndarray], n: float) -> dict[str, np.ndarray]:
-    """``round(n * w * 2^SCALE_BITS)`` as uint64 (two's complement), per name."""
+def quantise(weights: Mapping[str, np.ndarray], n: float | Mapping[str, float]) -> dict[str, np.ndarray]:
+    """``round(n * w * 2^SCALE_BITS)`` as uint64 (two's complement), per name (``n`` one weight, or
+    one per name: a refinement round weights each view by its own slices)."""
     out = {}
     for name, value in weights.items():
-        scaled = np.rint(np.asarray(value, dtype=np.float64) * float(n) * 2.0**SCALE_BITS)
+        factor = float(n[name] if isinstance(n, Mapping) else n)
+        scaled = np.rint(np.asarray(value, dtype=np.float64) * factor * 2.0**SCALE_BITS)
         if scaled.size and np.max(np.abs(scaled)) >= 2.0**62:
-            raise SecureAggregationError(f"array {name!r} times {n} overflows the fixed-point range")
+            raise SecureAggregationError(f"array {name!r} times {factor} overflows the fixed-point range")
         out[name] = scaled.astype(np.int64).view(np.uint64)
     return out
 
 
-def mask(weights: Mapping[str, np.ndarray], n: float, own_id: int, own: X25519PrivateKey,
+def mask(weights: Mapping[str, np.ndarray], n: float | Mapping[str, float], own_id: int, own: X25519PrivateKey,
          peers: Mapping[int, str], tag: str) -> Weights:
     """This site's masked update: quantised ``n * weights`` plus its pairwise masks (int64 on the wire).
 
     Args:
         weights: the site's update (every name the round aggregates; zeros when it has none).
-        n: its aggregation weight (0: it contributes nothing but its masks).
+        n: its aggregation weight (0: it contributes nothing but its masks), or one per name.
         own_id: its node id in ``peers``.
         own: its private key.
         peers: node id -> public key hex of every participant (itself included).

@@ -42,7 +42,8 @@ from fedqc.fl.rounds import (
     NORM_PATTERN,
     TRANSFER_DTYPE,
 )
-from fedqc.site.contract import SiteAlgo, SiteReply, Task, Weights
+from fedqc.core.types import view_of
+from fedqc.site.contract import MetricKey, SiteAlgo, SiteReply, Task, Weights, view_metric_key
 from fedqc.site.worker import WORKER_KEY, RemoteSite
 
 SITE_ERROR = 4100  # Error code of a reply whose site algorithm raised
@@ -176,8 +177,16 @@ def _secure(out: Weights | None, received: Weights | None, task: str, metrics: M
         names = {n: v for n, v in names.items() if n.startswith("ae/")}
     if pattern:
         names = {n: v for n, v in names.items() if n not in local_names(names, pattern)}
-    n = float(metrics.get("num-examples", 0)) if out else 0.0
+    total = float(metrics.get(MetricKey.NUM_EXAMPLES.value, 0))
+
+    def weight(name: str) -> float:  # a view trained this round: its own slices (REFINE's per-view counts)
+        view = view_of(name)
+        key = view_metric_key(view, MetricKey.NUM_EXAMPLES) if view else ""
+        n = float(metrics[key]) if key in metrics else total
+        return n if out and name in out else 0.0  # a name not trained: zeros with weight 0, masks only
+
     update = {name: (out[name] if out and name in out else np.zeros_like(value)) for name, value in names.items()}
+    n = {name: weight(name) for name in update}
     return secagg.mask(update, n, int(context.node_id), key, secagg.peers_of(config), str(config[secagg.TAG])), ""
 
 

@@ -39,6 +39,14 @@ class MetricKey(StrEnum):
     NUM_CASES = "num-cases"  # unlabelled cases scored
     NUM_FLAGGED = "num-flagged"  # OoD-flagged cases
     NUM_LABELLED = "num-labelled"  # labelled slices contributing the supervised term
+    # REFINE: the same counts per view. A site that trained one view and not the other sends only the
+    # trained view's weights, and the coordinator weights each view by its own slices (not the total).
+    NUM_EXAMPLES_SA = "num-examples-SA"
+    NUM_LABELLED_SA = "num-labelled-SA"
+    NUM_FLAGGED_SA = "num-flagged-SA"
+    NUM_EXAMPLES_LA = "num-examples-LA"
+    NUM_LABELLED_LA = "num-labelled-LA"
+    NUM_FLAGGED_LA = "num-flagged-LA"
     TRAIN_LOSS = "train-loss"
     SUP_LOSS = "sup-loss"
     SEMI_LOSS = "semi-loss"
@@ -88,6 +96,11 @@ class ConfigKey(StrEnum):
 def fence_metric_key(view: str, stat: str) -> str:
     """The MetricKey value of one FENCES statistic (``n``, ``pdc_q1``, ...) for ``view``."""
     return MetricKey(f"fence-{view}-{stat}").value
+
+
+def view_metric_key(view: str, key: MetricKey) -> str:
+    """The per-view MetricKey value of a count (``num-examples``, ``num-labelled``, ``num-flagged``)."""
+    return MetricKey(f"{key.value}-{view}").value
 
 
 @dataclass

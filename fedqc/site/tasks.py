@@ -35,6 +35,7 @@ from fedqc.site.contract import (
     Task,
     candidate_prefix,
     fence_metric_key,
+    view_metric_key,
 )
 from fedqc.site import privacy as site_privacy
 from fedqc.site.state import SiteState
@@ -303,8 +304,9 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
     if dp is not None and (dp.refinement == "skip" or (dp.refinement == "unlabelled-only" and site.site.labelled)):
         # Eq. 2 under DP (docs/PRIVACY.md): a site whose patients the DP guarantee covers sends no update.
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0, M.NUM_FLAGGED.value: 0})
-    out, n_cases, n_flagged, n_examples, n_labelled, semi, sup = {}, 0, 0, 0, 0, [], []
-    refined: list[tuple[str, list]] = []
+    out: dict = {}
+    n_cases, semi, sup = 0, [], []
+    per_view: dict[str, dict[str, int]] = {}  # view -> the counts of its own work this round
     for view in site.config.views:
         models = _candidates(site, weights, view, m)
         ae = _autoencoder_for(site, weights, view)
@@ -315,7 +317,7 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
             th = site_fences(site, view, models, ae, pool_scores=scores, consortium=consortium_fences(config, view))
             flagged = [c for c, f in zip(pool, flag_ood(scores.pdc, scores.phd, th)) if f]
         n_cases += len(pool)
-        n_flagged += len(flagged)
+        counts = per_view[view] = {M.NUM_FLAGGED: len(flagged), M.NUM_EXAMPLES: 0, M.NUM_LABELLED: 0}
         images, labels = site.labelled_slices(view)
         if semi_only:
             images, labels = images[:0], labels[:0]
@@ -324,17 +326,19 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
                                     epochs=epochs)
             semi += [s["semi_loss"] for s in stats if s["n_flagged_slices"]]
             sup += [s["sup_loss"] for s in stats if s["n_labelled"]]
-            n_examples += stats[-1]["n_flagged_slices"] + stats[-1]["n_labelled"]
-            n_labelled += stats[-1]["n_labelled"]
-        refined.append((view, models))
-    if n_examples:  # nothing trained (e.g. a labelled site in a sequential round's first half): no weights
-        for view, models in refined:
+            counts[M.NUM_EXAMPLES] = stats[-1]["n_flagged_slices"] + stats[-1]["n_labelled"]
+            counts[M.NUM_LABELLED] = stats[-1]["n_labelled"]
+        if counts[M.NUM_EXAMPLES]:
+            # Only a view trained this round travels: an untrained view's unchanged weights would pull the
+            # consortium's average of that view back toward its start, in proportion to the other view's slices.
             for i, model in enumerate(models):
                 out.update(site.export(model, f"{candidate_prefix(i)}seg/{view}/"))
-    # The coordinator weights refinement updates by these counts so the round's step is Eq. 2's
+    # The coordinator weights refinement updates by these counts, per view, so the round's step is Eq. 2's
     # (flagged slices = num-examples - num-labelled; fedqc.fl.aggregation.eq2_average).
-    metrics = {M.NUM_CASES.value: n_cases, M.NUM_FLAGGED.value: n_flagged, M.NUM_EXAMPLES.value: n_examples,
-               M.NUM_LABELLED.value: n_labelled, M.ALPHA.value: alpha}
+    metrics: dict[str, Scalar] = {M.NUM_CASES.value: n_cases, M.ALPHA.value: alpha}
+    for key in (M.NUM_FLAGGED, M.NUM_EXAMPLES, M.NUM_LABELLED):
+        metrics[key.value] = sum(c[key] for c in per_view.values())
+        metrics.update({view_metric_key(view, key): c[key] for view, c in per_view.items()})
     if semi:
         metrics[M.SEMI_LOSS.value] = float(np.mean(semi))
     if sup:

@@ -250,3 +250,68 @@ def test_federation_settings_validate_the_robust_options():
                      ({"norm_factor": 0.5}, "norm_factor"), ({"norm_factor": float("nan")}, "norm_factor")]:
         with pytest.raises(ConfigError, match=f"federation.{key}"):
             FederationSettings(**bad)
+
+
+def test_each_view_is_averaged_over_the_sites_that_trained_it_by_its_own_slices():
+    """REFINE: site B trained SA only (it flagged no LA case) and sent no LA weights. LA is A's and
+    C's update weighted by their LA slices, not pulled toward the start by B's SA slices; SA is
+    weighted by SA slices; eq2 runs per view with each view's labelled counts."""
+    from fedqc.fl.aggregation import ViewCounts, eq2_average, split_by_view
+
+    ref = {"m0/seg/SA/w": np.zeros(2, np.float32), "m0/seg/LA/w": np.zeros(2, np.float32),
+           "ae/SA/w": np.ones(1, np.float32)}
+    a = Update("A", {"m0/seg/SA/w": np.full(2, 1.0, np.float32), "m0/seg/LA/w": np.full(2, 2.0, np.float32)}, 12)
+    b = Update("B", {"m0/seg/SA/w": np.full(2, 4.0, np.float32)}, 30)
+    c = Update("C", {"m0/seg/SA/w": np.full(2, 0.0, np.float32), "m0/seg/LA/w": np.full(2, 5.0, np.float32)}, 12)
+    counts = {"A": {"SA": ViewCounts(10), "LA": ViewCounts(2)}, "B": {"SA": ViewCounts(30), "LA": ViewCounts(0)},
+              "C": {"SA": ViewCounts(6, 6), "LA": ViewCounts(6, 6)}}
+    groups = split_by_view([a, b, c], counts)
+    assert [(view, [u.site for u in ups]) for view, ups, _ in groups] == [("LA", ["A", "C"]), ("SA", ["A", "B", "C"])]
+    out = ref
+    for _, ups, _ in groups:
+        out = weighted_average(ups, out)
+    np.testing.assert_allclose(out["m0/seg/LA/w"], (2 * 2.0 + 6 * 5.0) / 8)  # not (12 * 2 + 12 * 5) / 24
+    np.testing.assert_allclose(out["m0/seg/SA/w"], (10 * 1.0 + 30 * 4.0 + 6 * 0.0) / 46)
+    np.testing.assert_array_equal(out["ae/SA/w"], ref["ae/SA/w"])
+    # The old weighting (one count per site over both views), for contrast: LA pulled toward the start.
+    whole = weighted_average([a, b, c], ref)
+    assert whole["m0/seg/LA/w"][0] < out["m0/seg/LA/w"][0] - 0.1
+    # eq2 per view: C's labelled slices make it the supervised group of each view.
+    la = next(g for g in groups if g[0] == "LA")
+    stepped = eq2_average(la[1], ref, la[2])
+    np.testing.assert_allclose(stepped["m0/seg/LA/w"], 2.0 + 5.0)  # A's semi step (alone) + C's supervised step
+    with pytest.raises(ValueError, match="view LA"):
+        split_by_view([Update("B", {"m0/seg/LA/w": np.ones(2, np.float32)}, 3)], {"B": {"SA": ViewCounts(3)}})
+
+
+def test_secure_aggregation_weights_each_view_by_its_own_slices(tmp_path):
+    """The masked path gives the plain path's per-view mean: each site scales a view by that view's
+    slices (0 for a view it did not train), and the coordinator divides by the view's total."""
+    from fedqc.fl import secagg
+    from fedqc.fl.aggregation import ViewCounts, name_totals, split_by_view
+
+    keys = {node: secagg.site_key(tmp_path / f"site{node}", run_id=3) for node in (1, 2, 3)}
+    peers = {node: secagg.public_hex(k) for node, k in keys.items()}
+    rng = np.random.default_rng(1)
+    names = ("m0/seg/SA/w", "m0/seg/LA/w")
+    trained = {1: names, 2: names[:1], 3: names}
+    counts = {1: {"SA": ViewCounts(10), "LA": ViewCounts(2)}, 2: {"SA": ViewCounts(30), "LA": ViewCounts(0)},
+              3: {"SA": ViewCounts(6), "LA": ViewCounts(6)}}
+    updates = {n: {name: rng.normal(size=3).astype(np.float32) for name in trained[n]} for n in keys}
+    ref = {name: np.zeros(3, np.float32) for name in names}
+    masked = []
+    for n in keys:  # as fedqc.fl.site_runner._secure: every name, zeros with weight 0 where not trained
+        full = {name: updates[n].get(name, np.zeros(3, np.float32)) for name in names}
+        weight = {name: counts[n][name.split("/")[2]].num_examples if name in updates[n] else 0.0 for name in names}
+        masked.append(secagg.mask(full, weight, n, keys[n], peers, "t"))
+    sums = secagg.unmask_sum(masked)
+    totals = name_totals(sums, list(counts.values()), total=56.0)
+    assert totals == {"m0/seg/SA/w": 46.0, "m0/seg/LA/w": 8.0}
+    plain = ref
+    for _, ups, _ in split_by_view([Update(str(n), updates[n], 1.0) for n in keys],
+                                   {str(n): c for n, c in counts.items()}):
+        plain = weighted_average(ups, plain)
+    for name in names:
+        np.testing.assert_allclose(sums[name] / totals[name], plain[name], atol=1e-5)
+    # A site that reported only a total (no per-view counts): every name is divided by the total.
+    assert name_totals(sums, [counts[1], {}], total=56.0) == {name: 56.0 for name in names}

@@ -123,6 +123,8 @@ def test_the_allow_list_is_exactly_the_reviewed_keys():
     """A new key that may leave a site is a privacy decision: it must be added here on purpose.
     The consortium fences add per view only four quartiles and a count (never per-case scores)."""
     counts = {"num-examples", "num-cases", "num-flagged", "num-labelled"}
+    # REFINE: the same slice and flag counts per view (a view is averaged over the sites that trained it).
+    counts |= {f"num-{kind}-{view}" for kind in ("examples", "labelled", "flagged") for view in ("SA", "LA")}
     training = {"train-loss", "sup-loss", "semi-loss", "val-loss", "val-dice", "val-rv-dice", "alpha", "seconds"}
     fences = {f"fence-{view}-{stat}" for view in ("SA", "LA") for stat in ("n", "pdc_q1", "pdc_q3", "phd_q1", "phd_q3")}
     # privacy.dp: a site's spent epsilon (one scalar of its accountant) and the flag that its budget is spent.
