@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedqc.cli.main import _overrides
+from fedqc.cli.main import parse_overrides
 from fedqc.config import load_config
 from fedqc.data.site import load_site_split
-from fedqc.evaluation.federated_report import _state
+from fedqc.evaluation.federated_report import state_of
 from fedqc.fl import run_state
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 from fedqc.qc.ood import flag_ood
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    config = load_config(args.config, _overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set))
     device = torch.device("cpu")
     run = run_state.load_finished(args.run)
     state, final, supervised = run.state, run.final, run.supervised
@@ -77,8 +77,8 @@ def main() -> None:
           " P RV Dice (kept) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for view in config.views:
-        models = segmenters_from_states(config, [_state(w, f"seg/{view}/") for w in supervised], device)
-        ae = frozen_autoencoder(config, _state(final, f"ae/{view}/"), device)
+        models = segmenters_from_states(config, [state_of(w, f"seg/{view}/") for w in supervised], device)
+        ae = frozen_autoencoder(config, state_of(final, f"ae/{view}/"), device)
         for site in (s for s in config.sites if not s.labelled):
             th = Thresholds.from_json(args.run / "sites" / site.name / "thresholds" / f"{view}.json")
             test = load_site_split(site, view, config, progress=None).test

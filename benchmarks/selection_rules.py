@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedqc.cli.main import _overrides
+from fedqc.cli.main import parse_overrides
 from fedqc.config import load_config
 from fedqc.core.types import candidate_prefix
 from fedqc.data.site import load_site_split
-from fedqc.evaluation.federated_report import _state
+from fedqc.evaluation.federated_report import state_of
 from fedqc.fl import run_state
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 from fedqc.qc.metrics import dice
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--candidates", choices=("supervised", "refined"), default="supervised")
     args = parser.parse_args()
-    config = load_config(args.config, _overrides(args.set))
+    config = load_config(args.config, parse_overrides(args.set))
     device = torch.device("cpu")
     run = run_state.load_finished(args.run)
     state, final, supervised = run.state, run.final, run.supervised
@@ -104,11 +104,11 @@ def main() -> None:
     for view in config.views:
         if args.candidates == "refined":
             prefixes = [f"{candidate_prefix(i)}seg/{view}/" for i in range(len(final))]
-            states = [_state(final, p) for p in prefixes if any(k.startswith(p) for k in final)]
+            states = [state_of(final, p) for p in prefixes if any(k.startswith(p) for k in final)]
         else:
-            states = [_state(w, f"seg/{view}/") for w in supervised]
+            states = [state_of(w, f"seg/{view}/") for w in supervised]
         models = segmenters_from_states(config, states, device)
-        ae = frozen_autoencoder(config, _state(final, f"ae/{view}/"), device)
+        ae = frozen_autoencoder(config, state_of(final, f"ae/{view}/"), device)
         for site in config.sites:
             path = args.run / "sites" / site.name / "thresholds" / f"{view}.json"
             test = load_site_split(site, view, config, progress=None).test if path.is_file() else []

@@ -29,13 +29,13 @@ def _cmd_simulate_data(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from fedqc.cli.commands import train_command
 
-    return train_command(Path(args.config), Path(args.out), overrides=_overrides(args.set))
+    return train_command(Path(args.config), Path(args.out), overrides=parse_overrides(args.set))
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
     from fedqc.cli.commands import refine_command
 
-    return refine_command(Path(args.config), Path(args.run), overrides=_overrides(args.set))
+    return refine_command(Path(args.config), Path(args.run), overrides=parse_overrides(args.set))
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -53,7 +53,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_ablation(args: argparse.Namespace) -> int:
     from fedqc.cli.commands import ablation_command
 
-    return ablation_command(Path(args.config), Path(args.out), seeds=args.seeds, overrides=_overrides(args.set),
+    return ablation_command(Path(args.config), Path(args.out), seeds=args.seeds, overrides=parse_overrides(args.set),
                             report_from=[Path(p) for p in args.report_from or ()],
                             transductive=not args.no_transductive)
 
@@ -62,10 +62,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedqc.cli.commands import simulate_command
 
     return simulate_command(Path(args.config), None if args.out is None else Path(args.out),
-                            overrides=_overrides(args.set), report_only=args.report_only)
+                            overrides=parse_overrides(args.set), report_only=args.report_only)
 
 
-def _overrides(pairs: Sequence[str] | None) -> dict[str, object]:
+def parse_overrides(pairs: Sequence[str] | None) -> dict[str, object]:
     """``--set train.epochs=2`` pairs, values parsed as YAML scalars."""
     import yaml
 

@@ -20,7 +20,8 @@ from fedqc.core.types import candidate_prefix
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 
 
-def _state(weights: Mapping[str, np.ndarray], prefix: str) -> dict[str, torch.Tensor]:
+def state_of(weights: Mapping[str, np.ndarray], prefix: str) -> dict[str, torch.Tensor]:
+    """The torch state dict of the network stored under ``prefix`` in flat run weights (``m0/seg/SA/``)."""
     return {k[len(prefix):]: torch.as_tensor(v) for k, v in weights.items() if k.startswith(prefix)}
 
 
@@ -43,12 +44,12 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
     records, signal, adapt_cost = [], [], []
     for view in config.views:
         m = sum(1 for i in range(len(final)) if any(k.startswith(f"{candidate_prefix(i)}seg/{view}/") for k in final))
-        refined = segmenters_from_states(config, [_state(final, f"{candidate_prefix(i)}seg/{view}/")
+        refined = segmenters_from_states(config, [state_of(final, f"{candidate_prefix(i)}seg/{view}/")
                                                   for i in range(m)], device)
-        sup = segmenters_from_states(config, [_state(w, f"seg/{view}/") for w in supervised], device) or refined[:1]
-        ae = frozen_autoencoder(config, _state(final, f"ae/{view}/"), device)
+        sup = segmenters_from_states(config, [state_of(w, f"seg/{view}/") for w in supervised], device) or refined[:1]
+        ae = frozen_autoencoder(config, state_of(final, f"ae/{view}/"), device)
         m_ctl = sum(1 for i in range(m) if any(k.startswith(f"{CONTROL}{candidate_prefix(i)}seg/{view}/") for k in final))
-        control = segmenters_from_states(config, [_state(final, f"{CONTROL}{candidate_prefix(i)}seg/{view}/")
+        control = segmenters_from_states(config, [state_of(final, f"{CONTROL}{candidate_prefix(i)}seg/{view}/")
                                                   for i in range(m_ctl)], device)
         for site in config.sites:
             folder = run_dir / "sites" / site.name / "thresholds"
