@@ -194,6 +194,8 @@ class FederationConfig:
     timeout_s: float = 600.0
     half_precision_transfer: bool = False
     refine_aggregation: Literal["slices", "eq2", "sequential"] = "sequential"
+    # A server learning rate on each refine round's aggregated semi-supervised step (1: the mean step).
+    refine_server_lr: float = 1.0
     # Poisoned or broken updates (docs/FEDERATION.md): robust aggregation and the norm-outlier rule.
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
     trim_fraction: float = 0.2
@@ -207,6 +209,9 @@ class FederationConfig:
             raise ConfigError("start_sites", f"got {self.start_sites!r}; must be 0 (= min_sites) or at least "
                               f"min_sites ({self.min_sites}): the first round cannot start with fewer sites "
                               "than every round needs")
+        if not 0.0 < self.refine_server_lr < float("inf"):
+            raise ConfigError("refine_server_lr", f"got {self.refine_server_lr!r}; must be a positive number "
+                              "(1: the sites' mean step; 2 with two flagging sites: the sum of their steps)")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError("trim_fraction", f"got {self.trim_fraction!r}; must be in [0, 0.5)")
         if not (self.norm_factor == 0 or 1.0 <= self.norm_factor < float("inf")):

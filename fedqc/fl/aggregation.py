@@ -212,6 +212,28 @@ def name_totals(names: Iterable[str], counts: list[Mapping[str, ViewCounts]], to
     return {name: per_view.get(view_of(name), total) if per_view else total for name in names}
 
 
+_STATISTICS = re.compile(r"running_mean$|running_var$|num_batches_tracked$")
+
+
+def server_step(start: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray], lr: float) -> Weights:
+    """A server learning rate on a round's aggregated step: ``start + lr * (averaged - start)``.
+
+    The step is scaled on floating parameters only; normalisation statistics (running mean and
+    variance, batch counters) keep the averaged value (an extrapolated variance could turn negative).
+    ``lr`` 1 returns ``averaged``; with ``n`` sites contributing, ``lr = n`` turns their mean step into
+    the sum of their steps (to first order, what taking them one after the other would give).
+    """
+    out: Weights = {}
+    for name, value in averaged.items():
+        value = np.asarray(value)
+        if lr == 1.0 or name not in start or not np.issubdtype(value.dtype, np.floating) or _STATISTICS.search(name):
+            out[name] = value
+            continue
+        base = np.asarray(start[name], dtype=np.float64)
+        out[name] = (base + lr * (value.astype(np.float64) - base)).astype(value.dtype)
+    return out
+
+
 def weighted_mean(values: Iterable[tuple[float, float]]) -> float | None:
     """Mean of ``(value, weight)`` pairs; None when the weights sum to zero."""
     pairs = [(float(v), float(w)) for v, w in values]

@@ -45,7 +45,7 @@ def federation_settings(config: Config, audit: bool = False, control: bool | Non
         alpha=config.refine.alpha, min_sites=fed.min_sites, start_sites=fed.start_sites, node_wait_s=fed.timeout_s,
         round_timeout_s=max(fed.timeout_s, 60.0),
         transfer_dtype="bfloat16" if fed.half_precision_transfer else "float32",
-        refine_aggregation=fed.refine_aggregation, aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,
+        refine_aggregation=fed.refine_aggregation, refine_server_lr=fed.refine_server_lr, aggregation=fed.aggregation, trim_fraction=fed.trim_fraction,
         norm_factor=fed.norm_factor,
         fence_source=config.qc.threshold_source, tukey_factor=config.qc.tukey_factor,
         segmenter_examples=config.qc.autoencoder == "corrective" and config.qc.segmenter_examples,

@@ -49,6 +49,7 @@ from fedqc.fl.aggregation import (
     eq2_average,
     name_totals,
     select,
+    server_step,
     split_by_view,
     weighted_average,
     weighted_mean,
@@ -238,6 +239,9 @@ class Protocol:
             flagged = {a.site: int(a.metrics.get(MetricKey.NUM_FLAGGED.value, 0)) for a in outcome.answers}
             extra = {"alpha": config[ConfigKey.ALPHA.value], "num_flagged": flagged,
                      **self._aggregate(outcome, required=False, refinement=True)}
+            if self.settings.refine_server_lr != 1.0:
+                self.weights = server_step(start, self.weights, self.settings.refine_server_lr)
+                extra["server_lr"] = self.settings.refine_server_lr
             if sequential:
                 try:
                     outcome = self._second_half(k, outcome, extra)

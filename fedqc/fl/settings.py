@@ -74,6 +74,10 @@ class FederationSettings:
             docs/FEDERATION.md), ``eq2`` (:func:`fedqc.fl.aggregation.eq2_average`: the round's step
             is the first-order step of Eq. 2 over the consortium) or ``slices`` (FedAvg weighted by
             the slices each site used).
+        refine_server_lr: a server learning rate on each refine round's aggregated semi-supervised
+            step (the first half of a sequential round; the whole refine exchange otherwise):
+            ``w + lr * (mean - w)`` (:func:`fedqc.fl.aggregation.server_step`). 1: FedAvg's mean step.
+            The supervised half and the control are never scaled, so the control stays compute-matched.
         aggregation: ``mean`` (FedAvg, and ``refine_aggregation`` in refine rounds), or ``median`` /
             ``trimmed-mean`` (:func:`fedqc.fl.robust.robust_average`, unweighted, in every phase,
             refine rounds included: ``refine_aggregation`` then has no effect).
@@ -117,6 +121,7 @@ class FederationSettings:
     round_timeout_s: float = 3600.0
     transfer_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     refine_aggregation: Literal["slices", "eq2", "sequential"] = "sequential"
+    refine_server_lr: float = 1.0
     aggregation: Literal["mean", "median", "trimmed-mean"] = "mean"
     trim_fraction: float = 0.2
     norm_factor: float = 10.0
@@ -147,6 +152,7 @@ class FederationSettings:
             "round_timeout_s": self.round_timeout_s > 0,
             "transfer_dtype": self.transfer_dtype in ("float32", "float16", "bfloat16"),
             "refine_aggregation": self.refine_aggregation in ("slices", "eq2", "sequential"),
+            "refine_server_lr": 0.0 < self.refine_server_lr < float("inf"),
             "aggregation": self.aggregation in ("mean", "median", "trimmed-mean"),
             "trim_fraction": 0.0 <= self.trim_fraction < 0.5,
             "norm_factor": self.norm_factor == 0 or 1.0 <= self.norm_factor < float("inf"),

@@ -315,3 +315,35 @@ def test_secure_aggregation_weights_each_view_by_its_own_slices(tmp_path):
         np.testing.assert_allclose(sums[name] / totals[name], plain[name], atol=1e-5)
     # A site that reported only a total (no per-view counts): every name is divided by the total.
     assert name_totals(sums, [counts[1], {}], total=56.0) == {name: 56.0 for name in names}
+
+
+def test_server_step_scales_the_mean_step_of_parameters_but_not_normalisation_statistics():
+    from fedqc.fl.aggregation import server_step
+
+    start = {"m0/seg/SA/conv.weight": np.zeros(3, np.float32), "m0/seg/SA/bn.running_var": np.ones(2, np.float32),
+             "m0/seg/SA/bn.num_batches_tracked": np.array(4), "ae/SA/w": np.ones(2, np.float32)}
+    mean = {"m0/seg/SA/conv.weight": np.full(3, 0.5, np.float32), "m0/seg/SA/bn.running_var": np.full(2, 0.2, np.float32),
+            "m0/seg/SA/bn.num_batches_tracked": np.array(9), "ae/SA/w": np.ones(2, np.float32)}
+    out = server_step(start, mean, 2.0)
+    np.testing.assert_allclose(out["m0/seg/SA/conv.weight"], 1.0)  # twice the mean step: the sum of two sites' steps
+    assert out["m0/seg/SA/conv.weight"].dtype == np.float32
+    np.testing.assert_allclose(out["m0/seg/SA/bn.running_var"], 0.2)  # extrapolated it would be -0.6
+    assert out["m0/seg/SA/bn.num_batches_tracked"] == 9
+    np.testing.assert_array_equal(out["ae/SA/w"], start["ae/SA/w"])  # nothing moved, nothing moves
+    assert all(np.array_equal(server_step(start, mean, 1.0)[k], mean[k]) for k in mean)
+
+
+def test_refine_server_lr_is_validated_and_reaches_the_protocol(tmp_path):
+    from fedqc.config import config_from_dict
+    from fedqc.core.errors import ConfigError
+    from fedqc.fl.from_config import federation_settings
+
+    site = [{"name": "a", "root": str(tmp_path), "labelled": True}]
+    config = config_from_dict({"sites": site, "federation": {"refine_server_lr": 2.0}})
+    assert federation_settings(config).refine_server_lr == 2.0
+    assert federation_settings(config_from_dict({"sites": site})).refine_server_lr == 1.0
+    for bad in (0, -1.0, float("inf")):
+        with pytest.raises(ConfigError, match="refine_server_lr"):
+            config_from_dict({"sites": site, "federation": {"refine_server_lr": bad}})
+    with pytest.raises(ConfigError, match="refine_server_lr"):
+        FederationSettings(refine_server_lr=0.0)

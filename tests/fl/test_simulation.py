@@ -120,3 +120,37 @@ def test_too_few_sites_fail_fast_with_a_clear_message(tmp_path, counts):
     settings = toy_settings(**counts, node_wait_s=3)  # start_sites: the first round waits for 3 even if 1 will do
     with pytest.raises(FederationError, match=r"only 2 of the 3 required sites connected within 3 s"):
         run_simulation(SimulationConfig(sites=toy_nodes(sites), federation=settings), tmp_path)
+
+
+@pytest.mark.slow
+def test_a_server_learning_rate_scales_the_refine_step_and_nothing_else(tmp_path):
+    """Real Flower simulation, toy sites: with federation.refine_server_lr 2 the refine round's global
+    step is twice the sites' mean step (the same sites, seeds and supervised candidates)."""
+    from fedqc.fl import run_state
+
+    sites = [{"site-id": "A", "seed": 1, "flag-below": 1.01}, {"site-id": "B", "seed": 2, "shift": 0.5},
+             {"site-id": "C", "seed": 3, "shift": 1.5, "labelled": False, "flag-below": 1.01}]
+    common = dict(min_sites=3, refine_rounds=1, m_best=1, supervised_rounds=1, predict=False,
+                  refine_aggregation="slices")
+    runs = {lr: run_simulation(SimulationConfig(sites=toy_nodes(sites), federation=toy_settings(
+        **common, refine_server_lr=lr)), tmp_path / f"lr{lr}") for lr in (1.0, 2.0)}
+
+    def final(run_dir):
+        state = run_state.read_json(run_dir / run_state.STATE)
+        return run_state.load_arrays(run_dir / state["weights"]), state
+
+    (one, state), (two, _) = final(runs[1.0]), final(runs[2.0])
+    start = run_state.load_arrays(run_state.supervised_checkpoint(runs[1.0], state["candidates"][0]))
+    moved = 0
+    for name, value in start.items():
+        if not np.issubdtype(value.dtype, np.floating):
+            continue
+        step = one["m0/" + name].astype(np.float64) - value
+        if "running_" in name:  # normalisation statistics: averaged, never extrapolated
+            np.testing.assert_allclose(two["m0/" + name], one["m0/" + name], atol=1e-5, err_msg=name)
+            continue
+        np.testing.assert_allclose(two["m0/" + name], value + 2 * step, atol=1e-5, err_msg=name)
+        moved += bool(np.abs(step).max() > 1e-4)
+    assert moved  # refinement moved the candidates
+    log = run_state.read_json(runs[2.0] / run_state.LOG)
+    assert [r.get("server_lr") for r in log if r["phase"] == "refine"] == [2.0]
