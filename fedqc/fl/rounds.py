@@ -25,10 +25,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedqc.core.errors import FedqcError
-from fedqc.fl import records, trace
-from fedqc.fl.settings import FederationSettings
 from fedqc.core.types import VIEWS
+from fedqc.fl import records, trace
 from fedqc.fl.aggregation import ViewCounts
+from fedqc.fl.settings import FederationSettings
 from fedqc.site.contract import ConfigKey, MetricKey, Scalar, Task, Weights, view_metric_key
 
 INIT = "init"  # the first task: every site introduces itself; one returns freshly initialised weights
