@@ -346,10 +346,11 @@ class Protocol:
     def _aggregate(self, outcome: Outcome, required: bool = True, refinement: bool = False) -> dict[str, Any]:
         """Check, screen and combine a round's updates into the global weights.
 
-        ``refinement`` (REFINE rounds: refine, both sequential halves, the control): each view is
-        combined over the sites that trained it, weighted by its own slices (per-view counts;
-        :func:`fedqc.fl.aggregation.split_by_view`), with ``refine_aggregation: eq2`` Eq. 2's step
-        (:func:`~fedqc.fl.aggregation.eq2_average`), otherwise the slice-weighted mean.
+        When every update comes with per-view counts (REFINE replies), each view is combined over
+        the sites that trained it, weighted by its own slices (:func:`fedqc.fl.aggregation.split_by_view`).
+        ``refinement`` (REFINE rounds: refine, both sequential halves, the control): with
+        ``refine_aggregation: eq2`` Eq. 2's step (:func:`~fedqc.fl.aggregation.eq2_average`),
+        otherwise the slice-weighted mean.
         """
         for a in outcome.answers:
             if a.metrics.get(MetricKey.DP_BUDGET_SPENT.value):
@@ -371,10 +372,10 @@ class Protocol:
                 "update_norms": screened.norms, "norm_check": screened.norm_check}
 
     def _combine(self, updates: list[Update], outcome: Outcome, refinement: bool) -> Weights:
-        counts = {a.site: view_counts(a) for a in outcome.answers}
+        counts = {a.site: view_counts(a.metrics) for a in outcome.answers}
         labelled = {a.site: float(a.metrics.get(MetricKey.NUM_LABELLED.value, 0)) for a in outcome.answers}
         groups = [(None, updates, labelled)]
-        if refinement and all(counts.get(u.site) for u in updates):
+        if all(counts.get(u.site) for u in updates):  # per-view counts (REFINE replies): each view by its own
             groups = split_by_view(updates, counts)
         weights = self.weights
         for _, members, by_site in groups:  # each group touches only its own names
@@ -414,7 +415,7 @@ class Protocol:
         sums = secagg.unmask_sum([a.weights for a in outcome.answers])
         # Per view when every site reported per-view counts (REFINE): each view's masked sum is weighted
         # by that view's slices at each site; a view nobody trained keeps its global value.
-        totals = name_totals(sums, [view_counts(a) for a in outcome.answers if num_examples(a) > 0], total)
+        totals = name_totals(sums, [view_counts(a.metrics) for a in outcome.answers if num_examples(a) > 0], total)
         mean = {name: value / totals[name] for name, value in sums.items() if totals[name] > 0}
         bad = sorted(name for name, value in mean.items() if not np.all(np.isfinite(value)))
         if bad:

@@ -262,13 +262,13 @@ def num_examples(answer: SiteAnswer) -> float:
     return float(answer.metrics.get(MetricKey.NUM_EXAMPLES.value, 0))
 
 
-def view_counts(answer: SiteAnswer) -> dict[str, ViewCounts]:
-    """A REFINE reply's counts per view (``num-examples-SA``, ``num-labelled-SA``, ...); empty when the
-    site reported only totals."""
+def view_counts(metrics: Mapping[str, Scalar]) -> dict[str, ViewCounts]:
+    """A reply's counts per view (``num-examples-SA``, ``num-labelled-SA``, ...; REFINE sends them);
+    empty when the site reported only totals."""
     out = {}
     for view in VIEWS:
         key = view_metric_key(view, MetricKey.NUM_EXAMPLES)
-        if key in answer.metrics:
-            out[view] = ViewCounts(float(answer.metrics[key]),
-                                   float(answer.metrics.get(view_metric_key(view, MetricKey.NUM_LABELLED), 0)))
+        if key in metrics:
+            out[view] = ViewCounts(float(metrics[key]),
+                                   float(metrics.get(view_metric_key(view, MetricKey.NUM_LABELLED), 0)))
     return out

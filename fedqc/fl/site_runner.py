@@ -26,12 +26,13 @@ import json
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message
 
+from fedqc.core.types import view_of
 from fedqc.fl import appdir, records, run_state, secagg
 from fedqc.fl.aggregation import local_names
 from fedqc.fl.rounds import (
@@ -41,9 +42,9 @@ from fedqc.fl.rounds import (
     INIT_WEIGHTS,
     NORM_PATTERN,
     TRANSFER_DTYPE,
+    view_counts,
 )
-from fedqc.core.types import view_of
-from fedqc.site.contract import MetricKey, SiteAlgo, SiteReply, Task, Weights, view_metric_key
+from fedqc.site.contract import MetricKey, SiteAlgo, SiteReply, Task, Weights
 from fedqc.site.worker import WORKER_KEY, RemoteSite
 
 SITE_ERROR = 4100  # Error code of a reply whose site algorithm raised
@@ -177,17 +178,25 @@ def _secure(out: Weights | None, received: Weights | None, task: str, metrics: M
         names = {n: v for n, v in names.items() if n.startswith("ae/")}
     if pattern:
         names = {n: v for n, v in names.items() if n not in local_names(names, pattern)}
-    total = float(metrics.get(MetricKey.NUM_EXAMPLES.value, 0))
-
-    def weight(name: str) -> float:  # a view trained this round: its own slices (REFINE's per-view counts)
-        view = view_of(name)
-        key = view_metric_key(view, MetricKey.NUM_EXAMPLES) if view else ""
-        n = float(metrics[key]) if key in metrics else total
-        return n if out and name in out else 0.0  # a name not trained: zeros with weight 0, masks only
-
     update = {name: (out[name] if out and name in out else np.zeros_like(value)) for name, value in names.items()}
-    n = {name: weight(name) for name in update}
+    n = secure_weights(update, out, metrics)
     return secagg.mask(update, n, int(context.node_id), key, secagg.peers_of(config), str(config[secagg.TAG])), ""
+
+
+def secure_weights(names: Iterable[str], out: Weights | None, metrics: Mapping) -> dict[str, float]:
+    """Each name's weight in this site's masked sum: its view's own slices when the reply has per-view
+    counts (REFINE), else the reply's NUM_EXAMPLES; 0 for a name the site did not train (it sends
+    zeros there, so that its masks still cancel the others')."""
+    total = float(metrics.get(MetricKey.NUM_EXAMPLES.value, 0))
+    counts = view_counts(metrics)
+
+    def weight(name: str) -> float:
+        if not out or name not in out:
+            return 0.0
+        view = view_of(name)
+        return counts[view].num_examples if view in counts else total
+
+    return {name: weight(name) for name in names}
 
 
 def handle(msg: Message, context: Context) -> Message:

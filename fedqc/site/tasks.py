@@ -306,7 +306,7 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
         return SiteReply(metrics={M.NUM_EXAMPLES.value: 0, M.NUM_FLAGGED.value: 0})
     out: dict = {}
     n_cases, semi, sup = 0, [], []
-    per_view: dict[str, dict[str, int]] = {}  # view -> the counts of its own work this round
+    per_view: dict[str, dict[M, int]] = {}  # view -> the counts of its own work this round
     for view in site.config.views:
         models = _candidates(site, weights, view, m)
         ae = _autoencoder_for(site, weights, view)

@@ -299,11 +299,18 @@ def test_secure_aggregation_weights_each_view_by_its_own_slices(tmp_path):
               3: {"SA": ViewCounts(6), "LA": ViewCounts(6)}}
     updates = {n: {name: rng.normal(size=3).astype(np.float32) for name in trained[n]} for n in keys}
     ref = {name: np.zeros(3, np.float32) for name in names}
+    from fedqc.fl.site_runner import secure_weights
+
     masked = []
     for n in keys:  # as fedqc.fl.site_runner._secure: every name, zeros with weight 0 where not trained
         full = {name: updates[n].get(name, np.zeros(3, np.float32)) for name in names}
-        weight = {name: counts[n][name.split("/")[2]].num_examples if name in updates[n] else 0.0 for name in names}
+        metrics = {"num-examples": sum(c.num_examples for c in counts[n].values()),
+                   **{f"num-examples-{view}": c.num_examples for view, c in counts[n].items()}}
+        weight = secure_weights(full, updates[n], metrics)
+        assert weight["m0/seg/LA/w"] == (0.0 if n == 2 else counts[n]["LA"].num_examples)
         masked.append(secagg.mask(full, weight, n, keys[n], peers, "t"))
+    # Without per-view counts (SUPERVISED, AE): every trained name by the total, untrained ones 0.
+    assert secure_weights(names, {"m0/seg/SA/w": 1}, {"num-examples": 7}) == {"m0/seg/SA/w": 7.0, "m0/seg/LA/w": 0.0}
     sums = secagg.unmask_sum(masked)
     totals = name_totals(sums, list(counts.values()), total=56.0)
     assert totals == {"m0/seg/SA/w": 46.0, "m0/seg/LA/w": 8.0}
@@ -333,7 +340,7 @@ def test_server_step_scales_the_mean_step_of_parameters_but_not_normalisation_st
     assert all(np.array_equal(server_step(start, mean, 1.0)[k], mean[k]) for k in mean)
 
 
-def test_refine_server_lr_is_validated_and_reaches_the_protocol(tmp_path):
+def test_refine_server_lr_is_validated_and_reaches_the_settings(tmp_path):
     from fedqc.config import config_from_dict
     from fedqc.core.errors import ConfigError
     from fedqc.fl.from_config import federation_settings
