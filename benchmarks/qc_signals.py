@@ -38,6 +38,7 @@ from fedqc.data.site import load_site_split
 from fedqc.evaluation.federated_report import state_of
 from fedqc.fl import run_state
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
+from fedqc.qc.consistency import transformed_predictions
 from fedqc.qc.metrics import dice
 from fedqc.qc.scoring import candidate_outputs, segment
 
@@ -46,30 +47,14 @@ BAD = 0.8
 SIGNALS = ("pdc", "cand", "tta", "tta-flips", "tta-flip12", "tta-gamma", "conf", "pdc*tta", "min(pdc,tta)")
 
 
-def _flip(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
-    return np.flip(x, axes).copy() if axes else x
-
-
-def _gamma(images: np.ndarray, g: float) -> np.ndarray:
-    """Gamma on each slice's min-max normalised intensities, mapped back to the slice's range."""
-    lo = images.min(axis=(1, 2), keepdims=True)
-    hi = images.max(axis=(1, 2), keepdims=True)
-    span = np.maximum(hi - lo, 1e-6)
-    return (((images - lo) / span) ** g * span + lo).astype(np.float32)
-
-
 def tta_agreements(model: torch.nn.Module, images: np.ndarray, pred: np.ndarray, device: torch.device
                    ) -> list[float]:
-    """RV Dice of ``pred`` against M's predictions of transformed slices, transformed back: flips on
-    axis 1, axis 2 and both, then gamma 0.7 and 1.5."""
-    scores = []
-    for axes in ((1,), (2,), (1, 2)):
-        out = segment(model, _flip(images, axes), device).argmax(1).cpu().numpy()
-        scores.append(float(dice(pred, _flip(out, axes), (RV,))[0]))
-    for g in (0.7, 1.5):
-        out = segment(model, _gamma(images, g), device).argmax(1).cpu().numpy()
-        scores.append(float(dice(pred, out, (RV,))[0]))
-    return scores
+    """RV Dice of ``pred`` against M's predictions of transformed slices, transformed back, per
+    transform of :mod:`fedqc.qc.consistency` (flips on axis 1, axis 2 and both; gamma 0.7 and 1.5):
+    their mean is pTC."""
+    x = torch.as_tensor(images, dtype=torch.float32, device=device)
+    others = transformed_predictions(lambda t: segment(model, t, device).argmax(1), x)
+    return [float(dice(pred, o.cpu().numpy(), (RV,))[0]) for o in others]
 
 
 def case_signals(models, ae, case, config, device) -> dict[str, float]:
