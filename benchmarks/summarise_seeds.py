@@ -84,9 +84,9 @@ def main(args: list[str], upper: list[str] | None = None) -> None:
               + f" | {runs_of([r['flagged_pred_rv_dice'] for r in rows])}"
               + f" | {runs_of([r['flagged_recon_rv_dice'] for r in rows])} |")
     print("\nQC calibration under M on the test cases (Spearman of pDC with RV Dice; AUROC of pDC for "
-          "RV Dice < 0.8), per run\n")
-    print("| view | sites | cases per run | Spearman | AUROC |")
-    print("|---|---|---|---|---|")
+          "RV Dice < 0.8; the same of pTC where the runs scored it, qc.consistency), per run\n")
+    print("| view | sites | cases per run | Spearman | AUROC | Spearman pTC | AUROC pTC |")
+    print("|---|---|---|---|---|---|---|")
     for view in sorted({k[0] for k in keys}, key=lambda v: v != "SA"):
         sites = [s for v, s in keys if v == view]
         shifted = [s for s in sites if s in _unlabelled(reports[0])]
@@ -96,7 +96,8 @@ def main(args: list[str], upper: list[str] | None = None) -> None:
                    for rep in reports]
             name = group[0] if len(group) == 1 else "shifted, pooled: " + ", ".join(group)
             print(f"| {view} | {name} | {' / '.join(str(c['n']) for c in cal)} | "
-                  f"{runs_of([c.get('spearman_pdc_dice') for c in cal])} | {runs_of([c.get('auroc_pdc') for c in cal])} |")
+                  f"{runs_of([c.get('spearman_pdc_dice') for c in cal])} | {runs_of([c.get('auroc_pdc') for c in cal])} | "
+                  f"{runs_of([c.get('spearman_ptc_dice') for c in cal])} | {runs_of([c.get('auroc_ptc') for c in cal])} |")
     _peers_table(reports, dice, keys)
     if upper:
         shifted = _unlabelled(reports[0])

@@ -41,7 +41,7 @@ from fedqc.train.stages import consortium_passes, refine, train_supervised
 def _flag_quality(scores, th, true_dice: np.ndarray) -> dict:
     """:func:`flag_quality` of a fence set, with the fences."""
     return {"th_low_pdc": th.th_low_pdc, "th_up_phd": th.th_up_phd,
-            **flag_quality(flag_ood(scores.pdc, scores.phd, th), true_dice)}
+            **flag_quality(flag_ood(scores.pdc, scores.phd, th, scores.ptc), true_dice)}
 
 
 def run_seed(config: Config, seed: int, out: Path, transductive: bool = True, upper_bound: bool = True) -> dict:

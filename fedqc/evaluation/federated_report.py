@@ -87,20 +87,22 @@ def federated_report(config: Config, run_dir: Path, final: Mapping[str, np.ndarr
     qc_table = format_table(
         ["view", "site", "fences", "flagged / cases", "bad (Dice<0.8)", "precision", "recall",
          "own-pool fences: flagged", "own-pool precision", "own-pool recall", "flagged: prediction RV Dice",
-         "flagged: R output RV Dice", "Spearman pDC-Dice", "AUROC pDC"],
+         "flagged: R output RV Dice", "Spearman pDC-Dice", "AUROC pDC", "Spearman pTC-Dice", "AUROC pTC"],
         [[s["view"], s["site"], s["fences"], f"{s['flags']['n_flagged']}/{s['flags']['n']}", s["flags"]["n_bad"],
           _fmt(s["flags"]["precision"]), _fmt(s["flags"]["recall"]),
           "-" if s["own_pool"] is None else f"{s['own_pool']['n_flagged']}/{s['own_pool']['n']}",
           _fmt(s["own_pool"] and s["own_pool"]["precision"]), _fmt(s["own_pool"] and s["own_pool"]["recall"]),
           _fmt(s["flagged_pred_rv_dice"]), _fmt(s["flagged_recon_rv_dice"]),
-          _fmt(s["calibration"].get("spearman_pdc_dice")), _fmt(s["calibration"].get("auroc_pdc"))] for s in signal])
+          _fmt(s["calibration"].get("spearman_pdc_dice")), _fmt(s["calibration"].get("auroc_pdc")),
+          _fmt(s["calibration"].get("spearman_ptc_dice")), _fmt(s["calibration"].get("auroc_ptc"))] for s in signal])
     gains = _gains(rows)
     text = ("# fedqc federated run: per-site ablation on held-out test subjects\n\n" + table +
             "\n\n## The QC signal on the held-out test cases\n\nFlags of the m_best supervised candidates under "
             "the fences each site used (bad: true RV Dice of M below 0.8), beside the fences its own pool would "
             "give; on flagged cases, the prediction's RV Dice against that of R's output of it (network grid); "
             "under M, the Spearman correlation of pDC with true RV Dice and the AUROC of pDC for bad cases "
-            "('-' where the site's test cases are all good or all bad).\n\n"
+            "('-' where the site's test cases are all good or all bad), and the same of pTC with "
+            "`qc.consistency: tta` (M's consistency under flips and contrast changes; '-' without it).\n\n"
             + qc_table + "\n")
     if gains:
         text += ("\n## Gain over the compute-matched control\n\n`{M+sup}+QC`: the same candidates given "
@@ -164,11 +166,13 @@ def _qc_signal(config, site, view, cases, site_records, sup, ae, fences, own_poo
     own = None
     if own_pool_path.is_file():
         scores = score_cases(sup, ae, cases, config.qc, device)
-        own = flag_quality(flag_ood(scores.pdc, scores.phd, Thresholds.from_json(own_pool_path)), true_dice)
+        own = flag_quality(flag_ood(scores.pdc, scores.phd, Thresholds.from_json(own_pool_path), scores.ptc),
+                           true_dice)
     flagged = [r for r in by_variant["{M}+QC"] if r.ood]
     mean = (lambda xs: float(np.nanmean(xs)) if len(xs) else None)  # noqa: E731
     return {"view": view, "site": site, "fences": fences.source, "th_low_pdc": fences.th_low_pdc,
-            "th_up_phd": fences.th_up_phd, "flags": flag_quality(flags, true_dice), "own_pool": own,
+            "th_up_phd": fences.th_up_phd, "th_low_ptc": fences.th_low_ptc, "flags": flag_quality(flags, true_dice),
+            "own_pool": own,
             "flagged_pred_rv_dice": mean([r.pred_rv_dice_grid for r in flagged]),
             "flagged_recon_rv_dice": mean([r.recon_rv_dice_grid for r in flagged]),
             "calibration": calibration(by_variant["M"], "M")}

@@ -59,6 +59,8 @@ class CaseRecord:
     # toward the reconstruction, so this bounds what it can recover.
     recon_rv_dice_grid: float = float("nan")
     pred_rv_dice_grid: float = float("nan")
+    # pTC of the selected candidate (in a fallback, the largest one scored), NaN without qc.consistency.
+    ptc: float = float("nan")
 
 
 def score_case_variants(config: Config, site: str, case: PreparedCase,
@@ -81,6 +83,8 @@ def score_case_variants(config: Config, site: str, case: PreparedCase,
             rv = (3,)
             grid = {"recon_rv_dice_grid": float(dice_fn(result.reconstruction, case.labels, rv)[0]),
                     "pred_rv_dice_grid": float(dice_fn(result.labels, case.labels, rv)[0])}
+        if result.ptc is not None:
+            grid["ptc"] = float(result.ptc[result.selected] if result.selected is not None else np.nanmax(result.ptc))
         records.append(CaseRecord(site, case.case_id, case.case.view, variant, dice["RV"], hd["RV"],
                                   dice_l["RV"], hd_l["RV"], result.pdc_selected, result.phd_selected, result.ood,
                                   **grid))
@@ -150,6 +154,10 @@ def calibration(records: Sequence[CaseRecord], variant: str = "M") -> dict:
     out["precision"] = tp / int(flag.sum()) if flag.any() else float("nan")
     out["recall"] = tp / int(bad.sum()) if bad.any() else float("nan")
     out["auroc_pdc"] = auroc(-pdc, bad) if 0 < bad.sum() < len(bad) else float("nan")
+    ptc = np.array([r.ptc for r in sel])
+    if np.isfinite(ptc).all():  # qc.consistency: the same two measures of pTC
+        out["spearman_ptc_dice"] = float(stats.spearmanr(ptc, dice).statistic)
+        out["auroc_ptc"] = auroc(-ptc, bad) if 0 < bad.sum() < len(bad) else float("nan")
     return out
 
 

@@ -67,7 +67,7 @@ from fedqc.fl.rounds import (
     view_counts,
 )
 from fedqc.fl.settings import FederationSettings
-from fedqc.qc.thresholds import QUARTILES, ThresholdFitError, pooled_fences
+from fedqc.qc.thresholds import PTC_QUARTILES, QUARTILES, ThresholdFitError, pooled_fences
 from fedqc.site.contract import (
     ConfigKey,
     MetricKey,
@@ -207,7 +207,8 @@ class Protocol:
         outcome = self._exchange(Task.FENCES, config, self._candidates(), ae=select(self.weights, AE))
         self.fences = {}
         for view in VIEWS:
-            per_site = [{stat: float(a.metrics[fence_metric_key(view, stat)]) for stat in ("n", *QUARTILES)}
+            per_site = [{stat: float(a.metrics[fence_metric_key(view, stat)])
+                         for stat in ("n", *QUARTILES, *PTC_QUARTILES) if fence_metric_key(view, stat) in a.metrics}
                         for a in outcome.answers if fence_metric_key(view, "n") in a.metrics]
             if not per_site:
                 continue

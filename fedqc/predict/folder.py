@@ -109,8 +109,11 @@ def _row(case: Case, thresholds: Thresholds | None, **values) -> dict:
     """One qc.csv row; every row has every column (a failed case's metrics are empty)."""
     row = {"case_id": case.case_id, "subject": case.subject, "view": case.view, "phase": case.phase,
            "pdc": "", "phd_mm": "", "ood": "", "selected": "", "output": "", "pdc_candidates": "", "phd_candidates": "",
+           "ptc_candidates": "",
            "th_low_pdc": "" if thresholds is None else round(thresholds.th_low_pdc, 5),
-           "th_up_phd": "" if thresholds is None else round(thresholds.th_up_phd, 4), "dice": "", "error": ""}
+           "th_up_phd": "" if thresholds is None else round(thresholds.th_up_phd, 4),
+           "th_low_ptc": "" if thresholds is None or thresholds.th_low_ptc is None else round(thresholds.th_low_ptc, 5),
+           "dice": "", "error": ""}
     row.update(values)
     return row
 
@@ -172,6 +175,7 @@ def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.n
             output="reconstruction" if result.reconstructed else "candidate",
             pdc_candidates=" ".join(f"{v:.4f}" for v in result.pdc),
             phd_candidates=" ".join(f"{v:.3f}" for v in result.phd),
+            ptc_candidates="" if result.ptc is None else " ".join(f"{v:.4f}" for v in result.ptc),
             dice=foreground_dice(labels, case, image) if with_dice else "")
         if progress and ((i + 1) % 20 == 0 or i + 1 == len(prepared)):
             progress(f"  predicted {i + 1}/{len(cases)} {case.view} cases")

@@ -37,7 +37,7 @@ logger = logging.getLogger("fedqc.qc")
 
 def fences_from_scores(scores: CaseScores, factor: float, source: str) -> Thresholds:
     """Eq. 3 / 4 over a scoring pass (each case's best candidate, as the reference)."""
-    return fit_from_candidates(scores.pdc, scores.phd, factor=factor, source=source)
+    return fit_from_candidates(scores.pdc, scores.phd, factor=factor, source=source, ptc=scores.ptc)
 
 
 def fit_fences(config: Config, models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,

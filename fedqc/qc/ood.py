@@ -1,7 +1,8 @@
 """OoD detection (paper Sec. 2.3): a case is OoD when none of its m candidates passes both fences.
 
-A candidate passes when ``pdc >= th_low_pdc`` and ``phd <= th_up_phd``; it fails when
-``pdc < th_low_pdc`` or ``phd > th_up_phd`` (a NaN score fails). The case is flagged when every
+A candidate passes when ``pdc >= th_low_pdc`` and ``phd <= th_up_phd`` (and, when both the scores
+and the fences have pTC, ``ptc >= th_low_ptc``: ``qc.consistency``); it fails otherwise (a NaN score
+fails). The case is flagged when every
 one of its m_best candidates fails, which is the same as "its best candidate fails".
 """
 
@@ -12,13 +13,15 @@ import numpy as np
 from fedqc.qc.thresholds import Thresholds
 
 
-def candidate_passes(pdc: np.ndarray, phd: np.ndarray, thresholds: Thresholds) -> np.ndarray:
-    """Which candidates pass both fences.
+def candidate_passes(pdc: np.ndarray, phd: np.ndarray, thresholds: Thresholds,
+                     ptc: np.ndarray | None = None) -> np.ndarray:
+    """Which candidates pass the fences.
 
     Args:
         pdc: ``(n_cases, m)`` pDC per candidate (a 1-D array is read as ``m == 1``).
         phd: pHD in mm, same shape.
         thresholds: the fitted fences.
+        ptc: pTC, same shape, or None; judged only when the fences have a pTC fence.
 
     Returns:
         Boolean ``(n_cases, m)``: True where the candidate passes.
@@ -26,21 +29,29 @@ def candidate_passes(pdc: np.ndarray, phd: np.ndarray, thresholds: Thresholds) -
     pdc, phd = _as_matrix(pdc), _as_matrix(phd)
     if pdc.shape != phd.shape:
         raise ValueError(f"pdc and phd differ in shape: {pdc.shape} vs {phd.shape}")
-    return (pdc >= thresholds.th_low_pdc) & (phd <= thresholds.th_up_phd)
+    passes = (pdc >= thresholds.th_low_pdc) & (phd <= thresholds.th_up_phd)
+    if ptc is not None and thresholds.th_low_ptc is not None:
+        ptc = _as_matrix(ptc)
+        if ptc.shape != pdc.shape:
+            raise ValueError(f"ptc and pdc differ in shape: {ptc.shape} vs {pdc.shape}")
+        passes &= ptc >= thresholds.th_low_ptc
+    return passes
 
 
-def flag_ood(pdc: np.ndarray, phd: np.ndarray, thresholds: Thresholds) -> np.ndarray:
-    """OoD flag per case: True when no candidate passes both fences.
+def flag_ood(pdc: np.ndarray, phd: np.ndarray, thresholds: Thresholds,
+             ptc: np.ndarray | None = None) -> np.ndarray:
+    """OoD flag per case: True when no candidate passes the fences.
 
     Args:
         pdc: ``(n_cases, m)`` pDC per candidate (a 1-D array is read as ``m == 1``).
         phd: pHD in mm, same shape.
         thresholds: the fitted fences.
+        ptc: pTC, same shape, or None (:func:`candidate_passes`).
 
     Returns:
         Boolean ``(n_cases,)``.
     """
-    return ~candidate_passes(pdc, phd, thresholds).any(axis=1)
+    return ~candidate_passes(pdc, phd, thresholds, ptc).any(axis=1)
 
 
 def _as_matrix(values: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from fedqc.core.device import autocast_context as autocast
 from fedqc.core.types import NUM_CLASSES, Label
 from fedqc.data.site import PreparedCase
 from fedqc.models.segmenter import main_output
+from fedqc.qc.consistency import consistency, stack_consistency, transformed_predictions
 from fedqc.qc.metrics import pseudo_scores_batch
 
 QC_CLASSES = {"rv": (int(Label.RV),), "foreground": (int(Label.LV), int(Label.MYO), int(Label.RV))}
@@ -62,11 +63,13 @@ def reconstruct(autoencoder: torch.nn.Module, labels: torch.Tensor, batch_size: 
 
 @dataclass
 class CaseScores:
-    """pDC / pHD of every candidate on every case: arrays of shape (n_cases, m)."""
+    """pDC / pHD of every candidate on every case: arrays of shape (n_cases, m); pTC too when
+    ``qc.consistency`` is ``tta`` (:mod:`fedqc.qc.consistency`), else None."""
 
     case_ids: list[str]
     pdc: np.ndarray
     phd: np.ndarray
+    ptc: np.ndarray | None = None
 
 
 def score_cases(models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
@@ -82,6 +85,8 @@ def score_cases(models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
     """
     m = len(models)
     pdc, phd = np.zeros((len(cases), m)), np.zeros((len(cases), m))
+    tta = cfg.consistency == "tta"
+    ptc = np.zeros((len(cases), m)) if tta else None
     for planar in (False, True):
         index = [i for i, c in enumerate(cases) if (c.images.shape[0] == 1) == planar]
         if not index:
@@ -91,11 +96,17 @@ def score_cases(models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
         spacing = np.array([c.spacing_mm for c in group], dtype=np.float64)
         x = torch.from_numpy(np.concatenate([c.images for c in group]).astype(np.float32, copy=False)).to(device)
         preds, recons = [], []
-        for model in models:
-            pred = _labels(lambda chunk: segment(model, chunk, device, batch_size), x)
+        classes, percentile = qc_classes(cfg), qc_percentile(cfg)
+        for i, model in enumerate(models):
+            def seg(chunk: torch.Tensor, model: torch.nn.Module = model) -> torch.Tensor:
+                return segment(model, chunk, device, batch_size)
+
+            pred = _labels(seg, x)
             preds.append(pred)
             recons.append(_labels(lambda chunk: reconstruct(autoencoder, chunk, batch_size), pred))
-        classes, percentile = qc_classes(cfg), qc_percentile(cfg)
+            if tta:
+                others = transformed_predictions(lambda t: _labels(seg, t), x)
+                ptc[index, i] = stack_consistency(pred, others, sizes, classes)
         if device.type == "cuda":
             p, h = (t.double().cpu().numpy() for t in scores_on_device(
                 torch.stack(preds), torch.stack(recons), sizes, spacing, planar, classes, percentile))
@@ -103,7 +114,7 @@ def score_cases(models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
             p, h = scores_on_host(torch.stack(preds).cpu().numpy(), torch.stack(recons).cpu().numpy(), sizes,
                                   spacing, classes, percentile)
         pdc[index], phd[index] = p.reshape(m, -1).T, h.reshape(m, -1).T
-    return CaseScores([c.case_id for c in cases], pdc, phd)
+    return CaseScores([c.case_id for c in cases], pdc, phd, ptc)
 
 
 def _labels(network, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -163,3 +174,21 @@ def candidate_outputs(models: Sequence[torch.nn.Module], autoencoder: torch.nn.M
         pairs.append((pred.to(torch.uint8).cpu().numpy(), recons[-1], case.spacing_mm))
     pdc, phd = pseudo_scores_batch(pairs, classes=qc_classes(cfg), percentile=qc_percentile(cfg))
     return np.stack(probs), np.stack(recons), np.asarray(pdc), np.asarray(phd)
+
+
+@torch.no_grad()
+def candidate_consistency(models: Sequence[torch.nn.Module], case: PreparedCase, preds: np.ndarray,
+                          cfg: QCConfig, device: torch.device, batch_size: int = 32,
+                          indices: Sequence[int] | None = None) -> np.ndarray | None:
+    """pTC (m,) of each candidate's prediction ``preds[i]`` (Z, H, W) on one case, as
+    :func:`score_cases` scores it (only the candidates in ``indices`` when given, NaN for the
+    others); None when ``qc.consistency`` is off."""
+    if cfg.consistency != "tta":
+        return None
+    x = torch.as_tensor(np.asarray(case.images, dtype=np.float32), device=device)
+    out = np.full(len(models), np.nan)
+    for i in range(len(models)) if indices is None else indices:
+        model = models[i]
+        others = transformed_predictions(lambda t, model=model: segment(model, t, device, batch_size).argmax(1), x)
+        out[i] = consistency(np.asarray(preds[i]), [o.cpu().numpy() for o in others], qc_classes(cfg))
+    return out

@@ -3,6 +3,8 @@
     th_low = Q1(pDC) - factor * (Q3(pDC) - Q1(pDC))      (Eq. 3, factor 1.5)
     th_up  = Q3(pHD) + factor * (Q3(pHD) - Q1(pHD))      (Eq. 4)
 
+and, with ``qc.consistency: tta``, a lower fence of the same form on pTC (fedqc.qc.consistency).
+
 Quartiles are ``numpy.percentile(values, [25, 75])`` with its default ``method="linear"``
 (Hyndman & Fan type 7: the q-th quartile sits at rank ``(n - 1) * q / 4`` of the sorted values,
 interpolated linearly). Non-finite values are dropped before fitting and counted in
@@ -50,6 +52,8 @@ class Thresholds:
         requested: the fence source the config asked for (:func:`fedqc.qc.fences.choose_fences`),
             when it differs from ``source`` the ``note`` says why.
         note: why another source was used, empty when the requested one was.
+        th_low_ptc, q1_ptc, q3_ptc: the lower fence on pTC and its quartiles (``qc.consistency``);
+            None when the fences were fitted without pTC (a candidate is then not judged on it).
     """
 
     th_low_pdc: float
@@ -64,6 +68,9 @@ class Thresholds:
     n_dropped: int = 0
     requested: str = ""
     note: str = ""
+    th_low_ptc: float | None = None
+    q1_ptc: float | None = None
+    q3_ptc: float | None = None
 
     def to_json(self, path: str | Path) -> None:
         """Write the thresholds as readable JSON, atomically (a temporary file then a rename).
@@ -104,14 +111,16 @@ def fit_tukey_thresholds(
     phd_values: np.ndarray,
     factor: float = 1.5,
     source: str = "unlabelled",
+    ptc_values: np.ndarray | None = None,
 ) -> Thresholds:
-    """Fit Eq. 3 and 4 on one value per case.
+    """Fit Eq. 3 and 4 on one value per case (and Eq. 3's form on pTC when given).
 
     Args:
         pdc_values: pDC of each case (1-D).
         phd_values: pHD of each case in mm (1-D, same length).
         factor: fence factor, 1.5 in the paper.
         source: label stored with the result.
+        ptc_values: pTC of each case (1-D, same length), or None.
 
     Returns:
         The fitted :class:`Thresholds`.
@@ -127,7 +136,19 @@ def fit_tukey_thresholds(
     if not (math.isfinite(factor) and factor >= 0):
         raise ValueError(f"factor must be a finite number >= 0, got {factor}")
     pdc_ok, phd_ok = pdc[np.isfinite(pdc)], phd[np.isfinite(phd)]
-    for name, kept in (("pDC", pdc_ok), ("pHD", phd_ok)):
+    checked = [("pDC", pdc_ok), ("pHD", phd_ok)]
+    ptc_extra: dict[str, float] = {}
+    if ptc_values is not None:
+        ptc = np.asarray(ptc_values, dtype=np.float64)
+        if ptc.shape != pdc.shape:
+            raise ValueError(f"ptc must have pdc's shape {pdc.shape}, got {ptc.shape}")
+        ptc_ok = ptc[np.isfinite(ptc)]
+        checked.append(("pTC", ptc_ok))
+        if ptc_ok.size >= MIN_VALUES:
+            q1_ptc, q3_ptc = np.percentile(ptc_ok, [25, 75])
+            ptc_extra = {"th_low_ptc": float(q1_ptc - factor * (q3_ptc - q1_ptc)), "q1_ptc": float(q1_ptc),
+                         "q3_ptc": float(q3_ptc)}
+    for name, kept in checked:
         if kept.size < MIN_VALUES:
             raise ThresholdFitError(
                 f"{source}: {kept.size} finite {name} values of {pdc.size} cases; "
@@ -146,6 +167,7 @@ def fit_tukey_thresholds(
         n_cases=int(pdc.size),
         source=source,
         n_dropped=int(pdc.size - pdc_ok.size + phd.size - phd_ok.size),
+        **ptc_extra,
     )
 
 
@@ -154,18 +176,20 @@ def fit_from_candidates(
     phd: np.ndarray,
     factor: float = 1.5,
     source: str = "unlabelled",
+    ptc: np.ndarray | None = None,
 ) -> Thresholds:
     """Fit the fences on each case's best candidate, as the reference implementation does.
 
     Each case contributes its best pDC (maximum over the m candidates) and, independently, its
-    best pHD (minimum); non-finite candidate values are ignored, and a case with none finite
-    counts as dropped. With ``m == 1`` this is :func:`fit_tukey_thresholds`.
+    best pHD (minimum) and best pTC (maximum); non-finite candidate values are ignored, and a case
+    with none finite counts as dropped. With ``m == 1`` this is :func:`fit_tukey_thresholds`.
 
     Args:
         pdc: ``(n_cases, m)`` pDC of each candidate prediction.
         phd: ``(n_cases, m)`` pHD in mm, same shape.
         factor: fence factor.
         source: label stored with the result.
+        ptc: ``(n_cases, m)`` pTC, same shape, or None.
 
     Returns:
         The fitted :class:`Thresholds` (``n_cases`` counts cases, not candidates).
@@ -176,16 +200,27 @@ def fit_from_candidates(
         raise ValueError(f"pdc and phd must be (n_cases, m) of equal shape, got {pdc.shape} and {phd.shape}")
     best_pdc = np.where(np.isfinite(pdc), pdc, -np.inf).max(axis=1, initial=-np.inf)
     best_phd = np.where(np.isfinite(phd), phd, np.inf).min(axis=1, initial=np.inf)
-    return fit_tukey_thresholds(best_pdc, best_phd, factor, source)
+    best_ptc = None
+    if ptc is not None:
+        ptc = np.asarray(ptc, dtype=np.float64)
+        if ptc.shape != pdc.shape:
+            raise ValueError(f"ptc must have pdc's shape {pdc.shape}, got {ptc.shape}")
+        best_ptc = np.where(np.isfinite(ptc), ptc, -np.inf).max(axis=1, initial=-np.inf)
+    return fit_tukey_thresholds(best_pdc, best_phd, factor, source, best_ptc)
 
 
 QUARTILES = ("pdc_q1", "pdc_q3", "phd_q1", "phd_q3")
+PTC_QUARTILES = ("ptc_q1", "ptc_q3")  # sent only when the site scores pTC (qc.consistency)
 
 
 def fence_quartiles(fences: Thresholds) -> dict[str, float]:
-    """What a labelled site reports for the consortium's fences: four quartiles (and its case count)."""
-    return {"pdc_q1": fences.q1_pdc, "pdc_q3": fences.q3_pdc, "phd_q1": fences.q1_phd, "phd_q3": fences.q3_phd,
-            "n": fences.n_cases}
+    """What a labelled site reports for the consortium's fences: four quartiles (six with pTC) and its
+    case count."""
+    out = {"pdc_q1": fences.q1_pdc, "pdc_q3": fences.q3_pdc, "phd_q1": fences.q1_phd, "phd_q3": fences.q3_phd,
+           "n": fences.n_cases}
+    if fences.q1_ptc is not None and fences.q3_ptc is not None:
+        out.update({"ptc_q1": fences.q1_ptc, "ptc_q3": fences.q3_ptc})
+    return out
 
 
 def pooled_fences(per_site: Sequence[Mapping[str, float]], factor: float) -> Thresholds:
@@ -204,7 +239,11 @@ def pooled_fences(per_site: Sequence[Mapping[str, float]], factor: float) -> Thr
     if total < MIN_VALUES:
         raise ThresholdFitError(f"consortium: {total} labelled validation cases; the fences need at least {MIN_VALUES}")
     q = {k: sum(r[k] * r["n"] for r in rows) / total for k in QUARTILES}
+    ptc: dict[str, float] = {}
+    if all(k in r for r in rows for k in PTC_QUARTILES):  # pTC pooled only when every site scored it
+        q1, q3 = (sum(r[k] * r["n"] for r in rows) / total for k in PTC_QUARTILES)
+        ptc = {"th_low_ptc": q1 - factor * (q3 - q1), "q1_ptc": q1, "q3_ptc": q3}
     return Thresholds(th_low_pdc=q["pdc_q1"] - factor * (q["pdc_q3"] - q["pdc_q1"]),
                       th_up_phd=q["phd_q3"] + factor * (q["phd_q3"] - q["phd_q1"]),
                       q1_pdc=q["pdc_q1"], q3_pdc=q["pdc_q3"], q1_phd=q["phd_q1"], q3_phd=q["phd_q3"],
-                      factor=float(factor), n_cases=int(total), source=f"consortium ({len(rows)} sites)")
+                      factor=float(factor), n_cases=int(total), source=f"consortium ({len(rows)} sites)", **ptc)

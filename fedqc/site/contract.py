@@ -71,6 +71,11 @@ class MetricKey(StrEnum):
     FENCE_LA_PDC_Q3 = "fence-LA-pdc_q3"
     FENCE_LA_PHD_Q1 = "fence-LA-phd_q1"
     FENCE_LA_PHD_Q3 = "fence-LA-phd_q3"
+    # With qc.consistency: tta, the quartiles of the best candidate's pTC too (fedqc.qc.consistency).
+    FENCE_SA_PTC_Q1 = "fence-SA-ptc_q1"
+    FENCE_SA_PTC_Q3 = "fence-SA-ptc_q3"
+    FENCE_LA_PTC_Q1 = "fence-LA-ptc_q1"
+    FENCE_LA_PTC_Q3 = "fence-LA-ptc_q3"
 
 
 ALLOWED_METRIC_KEYS: frozenset[str] = frozenset(k.value for k in MetricKey)

@@ -315,7 +315,7 @@ def refine(site: SiteState, weights: dict, config: Mapping[str, Scalar], epochs:
         if pool:
             scores = score_cases(models, ae, pool, site.config.qc, site.device)
             th = site_fences(site, view, models, ae, pool_scores=scores, consortium=consortium_fences(config, view))
-            flagged = [c for c, f in zip(pool, flag_ood(scores.pdc, scores.phd, th)) if f]
+            flagged = [c for c, f in zip(pool, flag_ood(scores.pdc, scores.phd, th, scores.ptc)) if f]
         n_cases += len(pool)
         counts = per_view[view] = {M.NUM_FLAGGED: len(flagged), M.NUM_EXAMPLES: 0, M.NUM_LABELLED: 0}
         images, labels = site.labelled_slices(view)

@@ -343,7 +343,7 @@ def count_flags(config: Config, models: Sequence[torch.nn.Module], autoencoder: 
     flags = {}
     for site, cases in pools.items():
         scores = score_cases(models, autoencoder, cases, config.qc, device)
-        flags[site] = flag_ood(scores.pdc, scores.phd, thresholds[site])
+        flags[site] = flag_ood(scores.pdc, scores.phd, thresholds[site], scores.ptc)
     return flags
 
 

@@ -127,6 +127,8 @@ def test_the_allow_list_is_exactly_the_reviewed_keys():
     counts |= {f"num-{kind}-{view}" for kind in ("examples", "labelled", "flagged") for view in ("SA", "LA")}
     training = {"train-loss", "sup-loss", "semi-loss", "val-loss", "val-dice", "val-rv-dice", "alpha", "seconds"}
     fences = {f"fence-{view}-{stat}" for view in ("SA", "LA") for stat in ("n", "pdc_q1", "pdc_q3", "phd_q1", "phd_q3")}
+    # qc.consistency: tta adds the two quartiles of pTC per view (a labelled site's scalars, like pDC's).
+    fences |= {f"fence-{view}-{stat}" for view in ("SA", "LA") for stat in ("ptc_q1", "ptc_q3")}
     # privacy.dp: a site's spent epsilon (one scalar of its accountant) and the flag that its budget is spent.
     privacy = {"dp-epsilon", "dp-budget-spent"}
     assert ALLOWED_METRIC_KEYS == counts | training | fences | privacy
