@@ -138,3 +138,52 @@ def trained(tmp_path_factory, tiny_data):
     run = folder / "run"
     assert main(["train", "--config", str(config), "--out", str(run)]) == 0
     return config, run
+
+
+def disc_cases(rng, sizes, size: int = 40, no_rv: tuple[int, ...] = (), r_max: float = 9.0,
+               full_range: bool = False) -> list:
+    """Synthetic cases whose 'images' are label maps of random discs (LV 1, MYO 2, RV 3), one stack
+    of ``sizes[i]`` slices per case: a rounding 'segmenter' predicts them exactly. ``no_rv``: cases
+    without an RV (the empty-structure convention); ``full_range``: every slice spans 0..3 (one RV
+    pixel in a corner), so a gamma on its min-max normalised intensities keeps its rounded labels."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fedqc.data.site import PreparedCase
+
+    yy, xx = np.mgrid[:size, :size]
+    cases = []
+    for i, z in enumerate(sizes):
+        stack = np.zeros((z, size, size), np.float32)
+        for k in range(z):
+            for label in (1, 2, 3):
+                if label == 3 and i in no_rv:
+                    continue
+                cy, cx, r = rng.uniform(8, size - 8), rng.uniform(8, size - 8), rng.uniform(3, r_max)
+                stack[k][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = label
+            if full_range:
+                stack[k, 0, 0] = 3
+        cases.append(PreparedCase(case=SimpleNamespace(case_id=f"c{i}"), images=stack, labels=None, geometry=None,
+                                  spacing_mm=(8.0 + i, 1.5, 1.25)))
+    return cases
+
+
+def site_algos(config, work: Path, views: str = "SA") -> list:
+    """The real site algorithm of every site of ``config``, each with its work dir under ``work``, the
+    run config flattened as the coordinator sends it (no Flower)."""
+    from fedqc.config import to_dict
+    from fedqc.config.flat import encode_value, flatten
+    from fedqc.site.algorithm import make_site_algo
+
+    settings = to_dict(config)
+    settings.pop("sites")
+    settings.pop("simulated", None)
+    run_config = flatten(settings)
+    algos = []
+    for site in config.sites:
+        node = {"site-id": site.name, "work-dir": str(work / site.name), "root": str(site.root),
+                "filter": encode_value(dict(site.filter)), "labelled": site.labelled,
+                "test-fraction": site.test_fraction, "views": views}
+        algos.append(make_site_algo(node, run_config))
+    return algos

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -19,6 +17,7 @@ from fedqc.qc.scoring import (
     scores_on_host,
     segment,
 )
+from tests.conftest import disc_cases
 
 
 class Threshold(torch.nn.Module):
@@ -41,19 +40,7 @@ class Blur(torch.nn.Module):
 
 
 def _cases(rng: np.random.Generator, sizes: list[int], size: int = 40) -> list[PreparedCase]:
-    yy, xx = np.mgrid[:size, :size]
-    cases = []
-    for i, z in enumerate(sizes):
-        stack = np.zeros((z, size, size), np.float32)
-        for k in range(z):
-            for label in (1, 2, 3):
-                if label == 3 and i == 1:
-                    continue  # no RV at all in case 1: the empty-structure convention
-                cy, cx, r = rng.uniform(8, 32), rng.uniform(8, 32), rng.uniform(3, 9)
-                stack[k][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = label
-        cases.append(PreparedCase(case=SimpleNamespace(case_id=f"c{i}"), images=stack, labels=None, geometry=None,
-                                  spacing_mm=(8.0 + i, 1.5, 1.25)))
-    return cases
+    return disc_cases(rng, sizes, size, no_rv=(1,))  # no RV at all in case 1: the empty-structure convention
 
 
 @pytest.mark.parametrize("classes", ["rv", "foreground"])

@@ -4,17 +4,14 @@ predict path, the consortium's fences and a real site's tasks."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fedqc.config import QCConfig, config_from_dict, to_dict
-from fedqc.config.flat import encode_value, flatten
+from fedqc.config import QCConfig, config_from_dict
 from fedqc.core.errors import ConfigError
-from fedqc.data.site import PreparedCase
 from fedqc.qc.ood import flag_ood
 from fedqc.qc.scoring import candidate_consistency, score_cases, segment
 from fedqc.qc.thresholds import (
@@ -23,9 +20,8 @@ from fedqc.qc.thresholds import (
     fit_from_candidates,
     pooled_fences,
 )
-from fedqc.site.algorithm import make_site_algo
 from fedqc.site.contract import ALLOWED_METRIC_KEYS, Task, candidate_prefix
-from tests.conftest import tiny_config_dict
+from tests.conftest import disc_cases, site_algos, tiny_config_dict
 
 
 class Rounding(torch.nn.Module):
@@ -51,20 +47,8 @@ class Blur(torch.nn.Module):
         return F.avg_pool2d(onehot, 5, 1, 2)
 
 
-def _cases(sizes=(4, 1, 3), size=32):
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    cases = []
-    for i, z in enumerate(sizes):
-        stack = np.zeros((z, size, size), np.float32)
-        for k in range(z):
-            for label in (1, 2, 3):
-                cy, cx, r = rng.uniform(8, 24), rng.uniform(8, 24), rng.uniform(3, 7)
-                stack[k][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = label
-            stack[k, 0, 0] = 3  # every slice spans 0..3, so the gammas keep its rounded labels
-        cases.append(PreparedCase(case=SimpleNamespace(case_id=f"c{i}"), images=stack, labels=None, geometry=None,
-                                  spacing_mm=(8.0, 1.5, 1.5)))
-    return cases
+def _cases(sizes=(4, 1, 3)):
+    return disc_cases(np.random.default_rng(0), sizes, size=32, r_max=7, full_range=True)
 
 
 def test_a_consistent_segmenter_scores_one_and_an_inconsistent_one_less():
@@ -133,17 +117,7 @@ def test_a_real_labelled_site_sends_ptc_quartiles_and_an_unlabelled_one_flags_wi
     the pooled fences: its kept fences carry the pTC fence, and a pTC fence above every case flags all."""
     config = config_from_dict(tiny_config_dict(tiny_data, views=["SA"],
                                                qc={"consistency": "tta", "threshold_source": "consortium"}))
-    settings = to_dict(config)
-    settings.pop("sites")
-    settings.pop("simulated", None)
-    run_config = flatten(settings)
-    algos = []
-    for site in config.sites:
-        node = {"site-id": site.name, "work-dir": str(tmp_path / site.name), "root": str(site.root),
-                "filter": encode_value(dict(site.filter)), "labelled": site.labelled,
-                "test-fraction": site.test_fraction, "views": "SA"}
-        algos.append(make_site_algo(node, run_config))
-    labelled, unlabelled = algos
+    labelled, unlabelled = site_algos(config, tmp_path)
     weights = labelled.run(Task.SUPERVISED, None, {"local-epochs": 0, "seed": 0}).weights
     weights = labelled.run(Task.SUPERVISED, weights, {"local-epochs": 1, "phase-round": 1}).weights
     ae = labelled.run(Task.QC_AUTOENCODER, None, {"local-epochs": 0, "seed": 0}).weights

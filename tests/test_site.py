@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedqc.config import config_from_dict, to_dict
-from fedqc.config.flat import encode_value, flatten, unflatten
-from fedqc.site.algorithm import make_site_algo
+from fedqc.config import config_from_dict
+from fedqc.config.flat import flatten, unflatten
 from fedqc.site.contract import ALLOWED_METRIC_KEYS, Task, candidate_prefix
-from tests.conftest import tiny_config_dict
+from tests.conftest import site_algos, tiny_config_dict
 
 
 def fedavg(replies):
@@ -22,17 +21,7 @@ def fedavg(replies):
 def sites(tiny_data, tmp_path_factory):
     work = tmp_path_factory.mktemp("sites")
     config = config_from_dict(tiny_config_dict(tiny_data, views=["SA"]))
-    settings = to_dict(config)
-    settings.pop("sites")
-    settings.pop("simulated", None)
-    run_config = flatten(settings)
-    algos = []
-    for site in config.sites:
-        node = {"site-id": site.name, "work-dir": str(work / site.name), "root": str(site.root),
-                "filter": encode_value(dict(site.filter)), "labelled": site.labelled,
-                "test-fraction": site.test_fraction, "views": "SA"}
-        algos.append(make_site_algo(node, run_config))
-    return algos, work
+    return site_algos(config, work), work
 
 
 def test_flatten_round_trip():
@@ -95,16 +84,7 @@ def test_refine_sends_only_the_views_it_trained_with_counts_per_view(tiny_data, 
     import json
 
     config = config_from_dict(tiny_config_dict(tiny_data, views=["SA", "LA"], qc={"threshold_source": "consortium"}))
-    settings = to_dict(config)
-    settings.pop("sites")
-    settings.pop("simulated", None)
-    algos = []
-    for site in config.sites:
-        node = {"site-id": site.name, "work-dir": str(tmp_path / site.name), "root": str(site.root),
-                "filter": encode_value(dict(site.filter)), "labelled": site.labelled,
-                "test-fraction": site.test_fraction, "views": "SA,LA"}
-        algos.append(make_site_algo(node, flatten(settings)))
-    labelled, unlabelled = algos
+    labelled, unlabelled = site_algos(config, tmp_path, views="SA,LA")
     seg = labelled.run(Task.SUPERVISED, None, {"local-epochs": 0, "seed": 0}).weights
     ae = labelled.run(Task.QC_AUTOENCODER, None, {"local-epochs": 0, "seed": 0}).weights
     candidates = {candidate_prefix(0) + k: v for k, v in seg.items()}
