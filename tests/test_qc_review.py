@@ -75,6 +75,9 @@ def test_the_page_lists_flagged_cases_first_then_by_pdc_and_embeds_everything():
     assert "default-src 'none'" in page.csp
     plots = [i["data-plot"] for i in page.images if "data-plot" in i]
     assert plots == ["fences-SA", "dice-SA"]
+    assert "<th>pTC</th>" in review_html(rows, {}, "QC review")
+    with_ptc = [{**r, "ptc": 0.6543, "th_low_ptc": 0.8} if r["case_id"] == "c" else r for r in rows]
+    assert "<td>0.654</td>" in review_html(with_ptc, {}, "QC review")  # the pTC column shows the case's score
 
 
 def _tiny_png() -> bytes:
@@ -115,6 +118,8 @@ def test_predict_writes_the_review_page_with_every_case_and_the_fences(predicted
     assert len(overlays) == len(rows) and all(i["src"].startswith("data:image/png;base64,") for i in overlays)
     assert {i["data-plot"] for i in page.images if "data-plot" in i} == {"fences-SA", "fences-LA", "dice-SA",
                                                                         "dice-LA"}
+    # qc.consistency: tta (the default): every case's pTC, and the fence it was judged by
+    assert all(0.0 <= float(r["ptc"]) <= 1.0 and float(r["th_low_ptc"]) < 1.0 for r in rows)
     assert not [u for u in page.urls if not u.startswith("data:")]  # self-contained
 
 

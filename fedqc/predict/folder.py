@@ -108,8 +108,8 @@ def choose_thresholds(config: Config, run: Path, view: View, models, ae, prepare
 def _row(case: Case, thresholds: Thresholds | None, **values) -> dict:
     """One qc.csv row; every row has every column (a failed case's metrics are empty)."""
     row = {"case_id": case.case_id, "subject": case.subject, "view": case.view, "phase": case.phase,
-           "pdc": "", "phd_mm": "", "ood": "", "selected": "", "output": "", "pdc_candidates": "", "phd_candidates": "",
-           "ptc_candidates": "",
+           "pdc": "", "phd_mm": "", "ptc": "", "ood": "", "selected": "", "output": "", "pdc_candidates": "",
+           "phd_candidates": "", "ptc_candidates": "",
            "th_low_pdc": "" if thresholds is None else round(thresholds.th_low_pdc, 5),
            "th_up_phd": "" if thresholds is None else round(thresholds.th_up_phd, 4),
            "th_low_ptc": "" if thresholds is None or thresholds.th_low_ptc is None else round(thresholds.th_low_ptc, 5),
@@ -163,7 +163,10 @@ def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.n
         except DataError as exc:
             rows[case.case_id] = _row(case, thresholds, error=str(exc))
             continue
-        what = f"pDC {result.pdc_selected:.3f}, pHD {result.phd_selected:.1f} mm"
+        ptc = None if result.ptc is None else float(np.nanmax(result.ptc) if result.selected is None
+                                                     else result.ptc[result.selected])
+        what = f"pDC {result.pdc_selected:.3f}, pHD {result.phd_selected:.1f} mm" + (
+            "" if ptc is None else f", pTC {ptc:.3f}")
         if result.ood:
             overlay_png(out / OVERLAYS / f"{case.case_id}.png", item.images, result.labels,
                         result.reconstruction, f"{case.case_id}: OoD ({what})")
@@ -171,6 +174,7 @@ def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.n
                     f"{case.case_id}{': OoD' if result.ood else ''} ({what})", dpi=REVIEW_DPI)
         rows[case.case_id] = _row(
             case, thresholds, pdc=round(result.pdc_selected, 5), phd_mm=round(result.phd_selected, 4),
+            ptc="" if ptc is None else round(ptc, 5),
             ood=result.ood, selected="fallback" if result.selected is None else result.selected,
             output="reconstruction" if result.reconstructed else "candidate",
             pdc_candidates=" ".join(f"{v:.4f}" for v in result.pdc),

@@ -5,9 +5,9 @@ a Content-Security-Policy forbids anything else):
 
 * a summary line: cases, flagged (out of distribution), failed;
 * the cases that could not be predicted, each with its reason;
-* per view, the fences drawn on the pDC and pHD histograms;
+* per view, the fences drawn on the pDC and pHD histograms (and on pTC's, where the cases have it);
 * per view, pDC against Dice where labels exist (predict with labels, or ``fedqc evaluate``);
-* every case, flagged ones first, then by pDC from the lowest: id, pDC, pHD, the selected
+* every case, flagged ones first, then by pDC from the lowest: id, pDC, pHD, pTC, the selected
   candidate, Dice where known, and its overlay (image, prediction, QC reconstruction).
 
 Built from the ``qc.csv`` rows and the ``review/<case_id>.png`` thumbnails that
@@ -74,15 +74,21 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def _values(rows: Sequence[Mapping], key: str) -> list[float]:
+    return [v for v in (_number(r.get(key)) for r in rows) if v is not None]
+
+
 def _fences_png(view: str, rows: Sequence[Mapping]) -> bytes:
-    """pDC and pHD histograms of one view's cases with the fences drawn on them."""
-    pdc = [v for v in (_number(r.get("pdc")) for r in rows) if v is not None]
-    phd = [v for v in (_number(r.get("phd_mm")) for r in rows) if v is not None]
-    low = next((v for v in (_number(r.get("th_low_pdc")) for r in rows) if v is not None), None)
-    up = next((v for v in (_number(r.get("th_up_phd")) for r in rows) if v is not None), None)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-    for ax, values, fence, name, side in ((axes[0], pdc, low, "pDC", "lower fence"),
-                                          (axes[1], phd, up, "pHD (mm)", "upper fence")):
+    """pDC and pHD histograms of one view's cases with the fences drawn on them, and pTC's where the
+    cases have it (``qc.consistency``)."""
+    low = next(iter(_values(rows, "th_low_pdc")), None)
+    up = next(iter(_values(rows, "th_up_phd")), None)
+    panels = [(_values(rows, "pdc"), low, "pDC", "lower fence"),
+              (_values(rows, "phd_mm"), up, "pHD (mm)", "upper fence")]
+    if _values(rows, "ptc"):
+        panels.append((_values(rows, "ptc"), next(iter(_values(rows, "th_low_ptc")), None), "pTC", "lower fence"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 2.8))
+    for ax, (values, fence, name, side) in zip(axes, panels):
         ax.hist(values, bins=max(5, min(30, len(values) // 2 or 1)), color="#90a4ae", edgecolor="#455a64")
         if fence is not None:
             ax.axvline(fence, color="#c62828", linestyle="--", linewidth=2, label=f"{side} {fence:.3g}")
@@ -136,7 +142,10 @@ def review_html(rows: Sequence[Mapping], thumbnails: Mapping[str, bytes], title:
               f"of distribution, {len(predicted) - flagged} within the fences, {len(failed)} could not be "
               "predicted.</p>"),
              ("<p>A case is flagged when its pDC (the QC autoencoder's estimate of the Dice of the prediction) "
-              "is below the lower fence or its pHD (estimated Hausdorff distance, mm) above the upper fence. "
+              "is below the lower fence or its pHD (estimated Hausdorff distance, mm) above the upper fence, "
+              "or, where it is scored, its pTC (how much the segmenter agrees with itself on the same image "
+              "flipped and with another contrast; 1: fully) below its fence: a low pTC means the segmenter is "
+              "unsure of this image even when the mask's shape looks plausible. "
               "Flagged cases come first, then every case by pDC from the lowest: review those first. Each "
               "overlay shows the image, the prediction and the QC reconstruction of one slice.</p>")]
     if note:
@@ -162,7 +171,8 @@ def review_html(rows: Sequence[Mapping], thumbnails: Mapping[str, bytes], title:
             parts += [f"<figure><img class=\"plot\" data-plot=\"dice-{esc(view)}\" alt=\"pDC against Dice, "
                       f"{esc(view)}\" src=\"{_data_uri(png)}\"></figure>" for view, png in scatters]
     parts.append("<h2 id=\"cases-title\">Cases</h2><table id=\"cases\"><thead><tr><th>#</th><th>case</th>"
-                 "<th>view</th><th>phase</th><th>QC</th><th>pDC</th><th>pHD mm</th><th>selected</th><th>Dice</th>"
+                 "<th>view</th><th>phase</th><th>QC</th><th>pDC</th><th>pHD mm</th><th>pTC</th><th>selected</th>"
+                 "<th>Dice</th>"
                  "<th>image | prediction | QC reconstruction</th></tr></thead><tbody>")
     for rank, row in enumerate(predicted, 1):
         case = esc(str(row["case_id"]))
@@ -175,6 +185,7 @@ def review_html(rows: Sequence[Mapping], thumbnails: Mapping[str, bytes], title:
                      f"data-flagged=\"{str(is_flagged).lower()}\"><td>{rank}</td><td>{case}</td>"
                      f"<td>{esc(str(row['view']))}</td><td>{esc(str(row['phase']))}</td><td>{badge}</td>"
                      f"<td>{_fmt(row.get('pdc'), 3)}</td><td>{_fmt(row.get('phd_mm'), 1)}</td>"
+                     f"<td>{_fmt(row.get('ptc'), 3)}</td>"
                      f"<td>{esc(str(row.get('selected', '')))}</td><td>{_fmt(row.get('dice'), 3)}</td>"
                      f"<td>{image}</td></tr>")
     parts.append("</tbody></table></body></html>\n")
