@@ -1,4 +1,4 @@
-"""OoD detection (paper Sec. 2.3): a case is OoD when none of its m candidates passes both fences.
+"""OoD detection (paper Sec. 2.3): a case is OoD when none of its m candidates passes the fences.
 
 A candidate passes when ``pdc >= th_low_pdc`` and ``phd <= th_up_phd`` (and, when both the scores
 and the fences have pTC, ``ptc >= th_low_ptc``: ``qc.consistency``); it fails otherwise (a NaN score
