@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import rankdata, spearmanr
+from scipy.stats import spearmanr
 
 from fedqc.cli.main import parse_overrides
 from fedqc.config import load_config
 from fedqc.data.site import load_site_split
 from fedqc.evaluation.federated_report import state_of
+from fedqc.evaluation.variants import auroc
 from fedqc.fl import run_state
 from fedqc.models.factory import frozen_autoencoder, segmenters_from_states
 from fedqc.qc.consistency import transformed_predictions
@@ -74,15 +75,6 @@ def case_signals(models, ae, case, config, device) -> dict[str, float]:
     if case.labels is not None:
         out["dice"] = float(dice(pred, case.labels, (RV,))[0])
     return out
-
-
-def auroc(score: np.ndarray, bad: np.ndarray) -> float:
-    """AUROC of a low score for a bad case (Mann-Whitney); NaN with one class only."""
-    if bad.all() or not bad.any():
-        return float("nan")
-    ranks = rankdata(-score)
-    n_bad, n_good = bad.sum(), (~bad).sum()
-    return float((ranks[bad].sum() - n_bad * (n_bad + 1) / 2) / (n_bad * n_good))
 
 
 def main() -> None:
@@ -124,7 +116,7 @@ def main() -> None:
         for name in SIGNALS:
             s = np.array([r[name] for r in shifted])
             rho = spearmanr(s, dice_true).statistic
-            area = auroc(s, bad)
+            area = auroc(-s, bad) if 0 < bad.sum() < len(bad) else float("nan")  # a low score flags
             q1, q3 = np.percentile([r[name] for r in ref], [25, 75])
             for k in (1.5, 0.0):
                 th = q1 - k * (q3 - q1)

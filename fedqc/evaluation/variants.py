@@ -59,7 +59,7 @@ class CaseRecord:
     # toward the reconstruction, so this bounds what it can recover.
     recon_rv_dice_grid: float = float("nan")
     pred_rv_dice_grid: float = float("nan")
-    # pTC of the selected candidate (in a fallback, the largest one scored), NaN without qc.consistency.
+    # pTC of the output (CasePrediction.ptc_selected), NaN without qc.consistency.
     ptc: float = float("nan")
 
 
@@ -83,8 +83,8 @@ def score_case_variants(config: Config, site: str, case: PreparedCase,
             rv = (3,)
             grid = {"recon_rv_dice_grid": float(dice_fn(result.reconstruction, case.labels, rv)[0]),
                     "pred_rv_dice_grid": float(dice_fn(result.labels, case.labels, rv)[0])}
-        if result.ptc is not None:
-            grid["ptc"] = float(result.ptc[result.selected] if result.selected is not None else np.nanmax(result.ptc))
+        if result.ptc_selected is not None:
+            grid["ptc"] = result.ptc_selected
         records.append(CaseRecord(site, case.case_id, case.case.view, variant, dice["RV"], hd["RV"],
                                   dice_l["RV"], hd_l["RV"], result.pdc_selected, result.phd_selected, result.ood,
                                   **grid))

@@ -32,7 +32,8 @@ class CasePrediction:
     phd_selected: float
     # The output is R's reconstruction of the selection (the site's qc.reconstruction_floor decision).
     reconstructed: bool = False
-    ptc: np.ndarray | None = None  # (m,) with qc.consistency: tta
+    ptc: np.ndarray | None = None  # (m,) with qc.consistency: tta; NaN where it decided nothing
+    ptc_selected: float | None = None  # the output's pTC (the reference candidate's in a fallback)
 
 
 def predict_case(config: Config, models: Sequence[torch.nn.Module], autoencoder: torch.nn.Module,
@@ -44,7 +45,8 @@ def predict_case(config: Config, models: Sequence[torch.nn.Module], autoencoder:
     is R's reconstruction of the selection (R's softmax, as Post-DAE outputs it).
     """
     probs, recons, pdc, phd = candidate_outputs(models, autoencoder, case, config.qc, device)
-    ptc = deciding_consistency(config, models, case, probs.argmax(2), pdc, phd, thresholds, device)
+    preds = probs.argmax(2)
+    ptc = deciding_consistency(config, models, case, preds, pdc, phd, thresholds, device)
     ood = bool(flag_ood(pdc[None], phd[None], thresholds, None if ptc is None else ptc[None])[0])
     if selection:
         margin = None if config.qc.selection == "paper" else config.qc.selection_margin
@@ -61,13 +63,14 @@ def predict_case(config: Config, models: Sequence[torch.nn.Module], autoencoder:
     else:
         pdc_sel, phd_sel = float(pdc[index]), float(phd[index])
     if ptc is not None and np.isnan(ptc[ref]):  # the output's own pTC, for qc.csv and the report
-        ptc[ref] = candidate_consistency(models, case, probs.argmax(2), config.qc, device, indices=[ref])[ref]
+        ptc[ref] = candidate_consistency(models, case, preds, config.qc, device, indices=[ref])[ref]
     reconstructed = selection and reconstruct
     if reconstructed:  # Post-DAE on this case: R's softmax of the selection's labels
         chosen = reconstruct_labels(autoencoder, torch.as_tensor(chosen.argmax(1), device=device)).cpu().numpy()
     return CasePrediction(probs=chosen, labels=chosen.argmax(1).astype(np.uint8), reconstruction=recons[ref],
                           pdc=pdc, phd=phd, ood=ood, selected=index, pdc_selected=pdc_sel, phd_selected=phd_sel,
-                          reconstructed=reconstructed, ptc=ptc)
+                          reconstructed=reconstructed, ptc=ptc,
+                          ptc_selected=None if ptc is None else float(ptc[ref]))
 
 
 def deciding_consistency(config: Config, models: Sequence[torch.nn.Module], case: PreparedCase,

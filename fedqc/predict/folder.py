@@ -163,8 +163,7 @@ def predict_cases(config: Config, models: Sequence[torch.nn.Module], ae: torch.n
         except DataError as exc:
             rows[case.case_id] = _row(case, thresholds, error=str(exc))
             continue
-        ptc = None if result.ptc is None else float(np.nanmax(result.ptc) if result.selected is None
-                                                     else result.ptc[result.selected])
+        ptc = result.ptc_selected
         what = f"pDC {result.pdc_selected:.3f}, pHD {result.phd_selected:.1f} mm" + (
             "" if ptc is None else f", pTC {ptc:.3f}")
         if result.ood:

@@ -106,7 +106,7 @@ def _dice_png(view: str, rows: Sequence[Mapping]) -> bytes | None:
     points = [p for p in points if p[0] is not None and p[1] is not None]
     if not points:
         return None
-    low = next((v for v in (_number(r.get("th_low_pdc")) for r in rows) if v is not None), None)
+    low = next(iter(_values(rows, "th_low_pdc")), None)
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
     for flagged, colour, name in ((False, "#1565c0", "in distribution"), (True, "#c62828", "flagged")):
         xs = [p[0] for p in points if p[2] == flagged]

@@ -26,7 +26,6 @@ from fedqc.qc.metrics import dice
 
 FLIPS: tuple[tuple[int, ...], ...] = ((1,), (2,), (1, 2))  # axes of a (Z, H, W) stack
 GAMMAS: tuple[float, ...] = (0.7, 1.5)
-N_TRANSFORMS = len(FLIPS) + len(GAMMAS)
 
 
 def gamma_slices(x: torch.Tensor, gamma: float) -> torch.Tensor:

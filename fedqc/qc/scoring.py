@@ -21,7 +21,7 @@ from fedqc.core.device import autocast_context as autocast
 from fedqc.core.types import NUM_CLASSES, Label
 from fedqc.data.site import PreparedCase
 from fedqc.models.segmenter import main_output
-from fedqc.qc.consistency import consistency, stack_consistency, transformed_predictions
+from fedqc.qc.consistency import stack_consistency, transformed_predictions
 from fedqc.qc.metrics import pseudo_scores_batch
 
 QC_CLASSES = {"rv": (int(Label.RV),), "foreground": (int(Label.LV), int(Label.MYO), int(Label.RV))}
@@ -190,5 +190,5 @@ def candidate_consistency(models: Sequence[torch.nn.Module], case: PreparedCase,
     for i in range(len(models)) if indices is None else indices:
         model = models[i]
         others = transformed_predictions(lambda t, model=model: segment(model, t, device, batch_size).argmax(1), x)
-        out[i] = consistency(np.asarray(preds[i]), [o.cpu().numpy() for o in others], qc_classes(cfg))
+        out[i] = stack_consistency(torch.as_tensor(np.asarray(preds[i])), others, [x.shape[0]], qc_classes(cfg))[0]
     return out

@@ -142,18 +142,17 @@ def fit_tukey_thresholds(
         ptc = np.asarray(ptc_values, dtype=np.float64)
         if ptc.shape != pdc.shape:
             raise ValueError(f"ptc must have pdc's shape {pdc.shape}, got {ptc.shape}")
-        ptc_ok = ptc[np.isfinite(ptc)]
-        checked.append(("pTC", ptc_ok))
-        if ptc_ok.size >= MIN_VALUES:
-            q1_ptc, q3_ptc = np.percentile(ptc_ok, [25, 75])
-            ptc_extra = {"th_low_ptc": float(q1_ptc - factor * (q3_ptc - q1_ptc)), "q1_ptc": float(q1_ptc),
-                         "q3_ptc": float(q3_ptc)}
+        checked.append(("pTC", ptc[np.isfinite(ptc)]))
     for name, kept in checked:
         if kept.size < MIN_VALUES:
             raise ThresholdFitError(
                 f"{source}: {kept.size} finite {name} values of {pdc.size} cases; "
                 f"the Tukey fences need at least {MIN_VALUES}"
             )
+    if ptc_values is not None:
+        q1_ptc, q3_ptc = np.percentile(checked[2][1], [25, 75])
+        ptc_extra = {"th_low_ptc": float(q1_ptc - factor * (q3_ptc - q1_ptc)), "q1_ptc": float(q1_ptc),
+                     "q3_ptc": float(q3_ptc)}
     q1_pdc, q3_pdc = np.percentile(pdc_ok, [25, 75])
     q1_phd, q3_phd = np.percentile(phd_ok, [25, 75])
     return Thresholds(
